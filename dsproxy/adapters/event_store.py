@@ -1,0 +1,198 @@
+"""The event store: every Nostr event and every local fact, in one order, on eventsourcing.
+
+Nostr events are one-event streams: the originator id is a UUID derived from the Nostr event id,
+so the table's unique (originator_id, originator_version) key makes a second append of the same
+event a no-op. Local facts are ordinary eventsourcing aggregates saved through the same
+application, so both share the notification log (SQLite rowid) that projections follow.
+
+eventsourcing is synchronous; `AsyncEventStore` runs every call on one dedicated thread, which
+is also the store's single writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from attrs import frozen
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, DomainEventProtocol
+from eventsourcing.persistence import PersistenceError, StoredEvent
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+
+from dsproxy.errors import StoreError
+from dsproxy.wire.event import NostrEvent
+
+__all__ = [
+    "NOSTR_TOPIC",
+    "AppendOutcome",
+    "AsyncEventStore",
+    "EventStore",
+    "NodeApplication",
+    "StoredRecord",
+    "originator_id_for",
+]
+
+NOSTR_TOPIC = "dsproxy.nostr:Event"
+_NOSTR_NAMESPACE = uuid.UUID("6b8f3f7e-3c1a-5d0e-9a51-1573d5bdc0de")
+_INSERT_IGNORE = "INSERT OR IGNORE INTO {table} VALUES (?,?,?,?)"
+_SELECT_AFTER = "SELECT rowid, topic, state FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?"
+_T = TypeVar("_T")
+
+
+def originator_id_for(event_id: str) -> uuid.UUID:
+    """The stream id of a Nostr event: stable, so a duplicate collides with the first append."""
+    return uuid.uuid5(_NOSTR_NAMESPACE, event_id)
+
+
+@frozen
+class StoredRecord:
+    """One entry of the notification log: its position, topic and stored state."""
+
+    position: int
+    topic: str
+    state: bytes
+
+    @property
+    def is_nostr(self) -> bool:
+        return self.topic == NOSTR_TOPIC
+
+
+@frozen
+class AppendOutcome:
+    """Which events were appended (with their positions) and which were already stored."""
+
+    appended: tuple[tuple[int, str], ...]
+    duplicates: tuple[str, ...]
+
+
+class NodeApplication(Application[uuid.UUID]):
+    """The eventsourcing application whose recorder holds this node's store."""
+
+    name = "dsproxy"
+
+
+class EventStore:
+    """Synchronous store; call it from one thread (see AsyncEventStore)."""
+
+    def __init__(self, path: Path, lock_timeout_s: int = 30) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.application = NodeApplication(
+            env={
+                "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+                "SQLITE_DBNAME": str(path),
+                "SQLITE_LOCK_TIMEOUT": str(lock_timeout_s),
+            }
+        )
+        recorder = self.application.recorder
+        assert isinstance(recorder, SQLiteApplicationRecorder), type(recorder)
+        self._recorder = recorder
+        table = recorder.events_table_name
+        self._insert_ignore = _INSERT_IGNORE.format(table=table)
+        self._select_after = _SELECT_AFTER.format(table=table)
+
+    def append_nostr(self, events: Sequence[NostrEvent]) -> AppendOutcome:
+        """Append verified events in one transaction; an event already stored is a no-op."""
+        appended: list[tuple[int, str]] = []
+        duplicates: list[str] = []
+        try:
+            with self._recorder.datastore.transaction(commit=True) as cursor:
+                for event in events:
+                    cursor.execute(
+                        self._insert_ignore,
+                        (originator_id_for(event.id).hex, 1, NOSTR_TOPIC, event.to_json().encode()),
+                    )
+                    if cursor.sqlite_cursor.rowcount == 1:
+                        appended.append((int(cursor.lastrowid), event.id))
+                    else:
+                        duplicates.append(event.id)
+        except PersistenceError as exc:
+            raise StoreError(f"could not append {len(events)} events: {exc}") from exc
+        return AppendOutcome(tuple(appended), tuple(duplicates))
+
+    def save(self, *aggregates: Aggregate) -> list[int]:
+        """Save local facts (aggregate events); returns their positions in the log."""
+        try:
+            recordings = self.application.save(*aggregates)
+        except PersistenceError as exc:
+            raise StoreError(f"could not save facts: {exc}") from exc
+        return [recording.notification.id for recording in recordings]
+
+    def read(self, after: int, limit: int) -> list[StoredRecord]:
+        """Up to `limit` records after position `after`, in store order."""
+        try:
+            with self._recorder.datastore.transaction(commit=False) as cursor:
+                cursor.execute(self._select_after, (after, limit))
+                rows = cursor.fetchall()
+        except PersistenceError as exc:
+            raise StoreError(f"could not read the store after {after}: {exc}") from exc
+        return [StoredRecord(row[0], row[1], row[2]) for row in rows]
+
+    def scan(self, after: int = 0, page_size: int = 10_000) -> Iterator[StoredRecord]:
+        """Every record after `after`, page by page, so memory stays flat."""
+        while page := self.read(after, page_size):
+            yield from page
+            after = page[-1].position
+
+    def decode_fact(self, record: StoredRecord) -> DomainEventProtocol[uuid.UUID]:
+        """Turn a stored local fact back into its domain event."""
+        assert not record.is_nostr, record.position
+        row = self._recorder.select_notifications(record.position, 1)[0]
+        stored = StoredEvent(row.originator_id, row.originator_version, row.topic, row.state)
+        return self.application.mapper.to_domain_event(stored)
+
+    def max_position(self) -> int:
+        return self._recorder.max_notification_id() or 0
+
+    def count_nostr(self) -> int:
+        with self._recorder.datastore.transaction(commit=False) as cursor:
+            cursor.execute(
+                f"SELECT COUNT(*) FROM {self._recorder.events_table_name} WHERE topic = ?",
+                (NOSTR_TOPIC,),
+            )
+            return int(cursor.fetchone()[0])
+
+    def contains(self, event_id: str) -> bool:
+        return bool(self._recorder.select_events(originator_id_for(event_id), limit=1))
+
+    def close(self) -> None:
+        self.application.close()
+
+
+class AsyncEventStore:
+    """The store for asyncio code: every call runs on one dedicated thread, the single writer."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.sync = store
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-store")
+
+    @classmethod
+    def open(cls, path: Path) -> AsyncEventStore:
+        return cls(EventStore(path))
+
+    async def _run(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    async def append_nostr(self, events: Sequence[NostrEvent]) -> AppendOutcome:
+        result: AppendOutcome = await self._run(self.sync.append_nostr, events)
+        return result
+
+    async def save(self, *aggregates: Aggregate) -> list[int]:
+        result: list[int] = await self._run(lambda: self.sync.save(*aggregates))
+        return result
+
+    async def read(self, after: int, limit: int) -> list[StoredRecord]:
+        result: list[StoredRecord] = await self._run(self.sync.read, after, limit)
+        return result
+
+    async def max_position(self) -> int:
+        result: int = await self._run(self.sync.max_position)
+        return result
+
+    async def close(self) -> None:
+        await self._run(self.sync.close)
+        self._thread.shutdown(wait=True)

@@ -1,0 +1,217 @@
+"""The balance projection in SQLite (aiosqlite): accounts, postings, ignored events, position.
+
+Every batch writes its rows and the store position it has applied in one transaction, so a
+restart resumes exactly where the last commit stopped. The trust policy the tables were folded
+under is recorded too: under another policy they are stale and must be rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import aiosqlite
+from attrs import frozen
+
+from dsproxy.errors import StoreError
+from projections import Account, Entry, Ignored, TrustPolicy
+
+__all__ = ["AccountRow", "PostingRow", "ProjectionDb", "policy_fingerprint"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS accounts (
+    user TEXT PRIMARY KEY,
+    credited INTEGER NOT NULL,
+    debited INTEGER NOT NULL,
+    balance INTEGER NOT NULL,
+    entries INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS postings (
+    position INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    user TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    author TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ignored (
+    position INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+_INDEXES = "CREATE INDEX IF NOT EXISTS postings_by_user ON postings (user, position);"
+_UPSERT_ACCOUNT = (
+    "INSERT INTO accounts (user, credited, debited, balance, entries) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (user) DO UPDATE SET credited = excluded.credited, debited = excluded.debited, "
+    "balance = excluded.balance, entries = excluded.entries"
+)
+_PARAMS_PER_QUERY_MAX = 500
+
+
+def policy_fingerprint(policy: TrustPolicy) -> str:
+    """A stable digest of the trust policy the tables were folded under."""
+    text = json.dumps(
+        [policy.session, policy.machine, sorted(policy.controllers), sorted(policy.backends)]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@frozen
+class AccountRow:
+    user: str
+    credited: int
+    debited: int
+    balance: int
+    entries: int
+
+
+@frozen
+class PostingRow:
+    position: int
+    event_id: str
+    user: str
+    tokens: int
+    author: str
+    created_at: int
+
+
+class ProjectionDb:
+    """One projection file; open with `await ProjectionDb.open(path)`."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path, *, bulk: bool = False) -> ProjectionDb:
+        """Open (creating) the file; `bulk` skips secondary indexes until `finish_bulk`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = await aiosqlite.connect(path, isolation_level=None)
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute("PRAGMA synchronous=NORMAL")
+            await connection.executescript(_SCHEMA)
+            if not bulk:
+                await connection.execute(_INDEXES)
+        except (aiosqlite.Error, OSError) as exc:
+            raise StoreError(f"cannot open projection {str(path)!r}: {exc}") from exc
+        return cls(connection, path)
+
+    async def finish_bulk(self) -> None:
+        await self._db.execute(_INDEXES)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _meta(self, key: str) -> str | None:
+        async with self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else str(row[0])
+
+    async def position(self) -> int:
+        """The last store position whose effects are in these tables."""
+        value = await self._meta("position")
+        return 0 if value is None else int(value)
+
+    async def fingerprint(self) -> str | None:
+        return await self._meta("policy")
+
+    async def set_fingerprint(self, fingerprint: str) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('policy', ?)", (fingerprint,)
+        )
+
+    async def load_accounts(self, users: Iterable[str]) -> dict[str, Account]:
+        """The current totals of these users (absent users have none)."""
+        wanted = list(users)
+        accounts: dict[str, Account] = {}
+        for start in range(0, len(wanted), _PARAMS_PER_QUERY_MAX):
+            chunk = wanted[start : start + _PARAMS_PER_QUERY_MAX]
+            query = (
+                "SELECT user, credited, debited, entries FROM accounts "
+                f"WHERE user IN ({','.join('?' * len(chunk))})"
+            )
+            async with self._db.execute(query, chunk) as cursor:
+                async for user, credited, debited, entries in cursor:
+                    accounts[user] = Account(credited, debited, entries)
+        return accounts
+
+    async def apply(
+        self,
+        accounts: dict[str, Account],
+        postings: Sequence[tuple[int, Entry]],
+        ignored: Sequence[tuple[int, Ignored]],
+        position: int,
+    ) -> None:
+        """Write one batch's changes and its position: both or neither."""
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.executemany(
+                    _UPSERT_ACCOUNT,
+                    [
+                        (user, a.credited, a.debited, a.balance, a.entries)
+                        for user, a in accounts.items()
+                    ],
+                )
+                await self._db.executemany(
+                    "INSERT INTO postings VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (pos, e.event_id, e.user, e.tokens, e.author, e.created_at)
+                        for pos, e in postings
+                    ],
+                )
+                await self._db.executemany(
+                    "INSERT INTO ignored VALUES (?, ?, ?)",
+                    [(pos, i.event_id, i.reason) for pos, i in ignored],
+                )
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('position', ?)",
+                    (str(position),),
+                )
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+        except aiosqlite.Error as exc:
+            raise StoreError(f"could not write projection batch up to {position}: {exc}") from exc
+
+    async def account(self, user: str) -> AccountRow | None:
+        async with self._db.execute(
+            "SELECT user, credited, debited, balance, entries FROM accounts WHERE user = ?", (user,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else AccountRow(*row)
+
+    async def accounts(self) -> list[AccountRow]:
+        async with self._db.execute(
+            "SELECT user, credited, debited, balance, entries FROM accounts ORDER BY user"
+        ) as cursor:
+            return [AccountRow(*row) async for row in cursor]
+
+    async def postings(self, user: str, limit: int = 1000) -> list[PostingRow]:
+        async with self._db.execute(
+            "SELECT position, event_id, user, tokens, author, created_at FROM postings "
+            "WHERE user = ? ORDER BY position LIMIT ?",
+            (user, limit),
+        ) as cursor:
+            return [PostingRow(*row) async for row in cursor]
+
+    async def ignored(self, limit: int = 1000) -> list[tuple[int, str, str]]:
+        async with self._db.execute(
+            "SELECT position, event_id, reason FROM ignored ORDER BY position LIMIT ?", (limit,)
+        ) as cursor:
+            return [(int(p), str(e), str(r)) async for p, e, r in cursor]
+
+    async def counts(self) -> dict[str, int]:
+        """Rows per table, for reports."""
+        result = {}
+        for table in ("accounts", "postings", "ignored"):
+            async with self._db.execute(f"SELECT COUNT(*) FROM {table}") as cursor:
+                row = await cursor.fetchone()
+            result[table] = int(row[0]) if row else 0
+        return result

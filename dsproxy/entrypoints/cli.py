@@ -1,0 +1,58 @@
+"""The `dsproxy` command: parse arguments, load settings once, run one subcommand.
+
+Each command module exposes `add_commands(subparsers)`; every subcommand sets `run`, a function
+`(args, settings) -> exit code`. Our errors print as one clear line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dsproxy.config import load_settings
+from dsproxy.entrypoints import ledger_commands
+from dsproxy.errors import DsproxyError
+
+__all__ = ["main"]
+
+_COMMAND_MODULES = (ledger_commands,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsproxy", description="Prepaid LLM tokens on Solana and DePHY (Nostr)."
+    )
+    parser.add_argument("--config", type=Path, help="TOML config file (or DSPROXY_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="data directory (or DSPROXY_DATA_DIR)")
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _COMMAND_MODULES:
+        module.add_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load_settings(config_file=args.config, data_dir=args.data_dir)
+        return int(args.run(args, settings))
+    except DsproxyError as exc:
+        print(f"dsproxy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

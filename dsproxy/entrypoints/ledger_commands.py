@@ -1,0 +1,189 @@
+"""Ledger commands: import, export, replay, balance."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dsproxy.adapters.event_store import AsyncEventStore
+from dsproxy.bootstrap import address, open_ledger, trust_policy
+from dsproxy.config import Settings
+from dsproxy.errors import BadInput
+from dsproxy.services.importer import import_jsonl
+from dsproxy.services.projector import rebuild
+from dsproxy.wire.messages import validate_user
+
+__all__ = ["add_commands"]
+
+_REFUSED_SHOWN_MAX = 20
+
+
+def _progress_bar(total: int | None, unit: str, description: str) -> tqdm:
+    """A bar on a terminal; silent in logs and pipes."""
+    return tqdm(total=total, unit=unit, desc=description, disable=not sys.stderr.isatty())
+
+
+def add_commands(subparsers: Any) -> None:
+    parser = subparsers.add_parser("import", help="append Nostr events from a JSON Lines file")
+    parser.add_argument("file", type=Path)
+    parser.set_defaults(run=run_import)
+
+    parser = subparsers.add_parser("export", help="write every stored Nostr event as JSON Lines")
+    parser.add_argument("file", help="output file, or - for standard output")
+    parser.set_defaults(run=run_export)
+
+    parser = subparsers.add_parser("replay", help="rebuild the projection from the event store")
+    parser.set_defaults(run=run_replay)
+
+    parser = subparsers.add_parser("balance", help="a user's balance and the events that moved it")
+    parser.add_argument("user", help="the user's Solana public key (base58)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--limit", type=int, default=1000, help="postings to list at most")
+    parser.set_defaults(run=run_balance)
+
+
+def run_import(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.file.is_file():
+        raise BadInput(f"{str(args.file)!r} is not a readable file")
+    return asyncio.run(_import(args.file, settings))
+
+
+async def _import(path: Path, settings: Settings) -> int:
+    node = await open_ledger(settings)
+    try:
+        with _progress_bar(None, "lines", "import") as bar:
+            report = await import_jsonl(path, node.store, address(settings), progress=bar.update)
+        with _progress_bar(None, "events", "project") as bar:
+            await node.projector.catch_up(bar.update)
+    finally:
+        await node.aclose()
+    print(
+        f"accepted {report.accepted}, duplicate {report.duplicates}, refused {len(report.refused)}"
+    )
+    for refusal in report.refused[:_REFUSED_SHOWN_MAX]:
+        print(f"  line {refusal.line}: {refusal.reason}")
+    if len(report.refused) > _REFUSED_SHOWN_MAX:
+        reasons = Counter(r.reason.split(":")[0] for r in report.refused)
+        print(
+            f"  ... and {len(report.refused) - _REFUSED_SHOWN_MAX} more; by kind: {dict(reasons)}"
+        )
+    return 1 if report.refused else 0
+
+
+def run_export(args: argparse.Namespace, settings: Settings) -> int:
+    store = AsyncEventStore.open(settings.events_path)
+    written = 0
+    try:
+        if args.file == "-":
+            written = _write_events(store, sys.stdout.buffer)
+        else:
+            target = Path(args.file)
+            partial = target.with_name(target.name + ".partial")
+            with partial.open("wb") as handle:
+                written = _write_events(store, handle)
+            os.replace(partial, target)
+    finally:
+        asyncio.run(store.close())
+    print(f"exported {written} events", file=sys.stderr)
+    return 0
+
+
+def _write_events(store: AsyncEventStore, handle: Any) -> int:
+    written = 0
+    for record in store.sync.scan():
+        if record.is_nostr:
+            handle.write(record.state + b"\n")
+            written += 1
+    handle.flush()
+    return written
+
+
+def run_replay(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_replay(settings))
+
+
+async def _replay(settings: Settings) -> int:
+    policy = trust_policy(settings)
+    store = AsyncEventStore.open(settings.events_path)
+    try:
+        total = await store.max_position()
+        started = time.perf_counter()
+        with _progress_bar(total, "events", "replay") as bar:
+            result = await rebuild(
+                store,
+                settings.projection_path,
+                policy,
+                progress=bar.update,
+                content_bytes_max=settings.content_bytes_max,
+            )
+        elapsed_s = time.perf_counter() - started
+    finally:
+        await store.close()
+    node = await open_ledger(settings)
+    try:
+        counts = await node.db.counts()
+    finally:
+        await node.aclose()
+    rate = result.records / elapsed_s if elapsed_s > 0 else 0.0
+    print(
+        f"replayed {result.records} events, {counts['accounts']} users, "
+        f"{counts['postings']} postings, {counts['ignored']} ignored "
+        f"in {elapsed_s:.2f} s ({rate:,.0f} events/s)"
+    )
+    return 0
+
+
+def run_balance(args: argparse.Namespace, settings: Settings) -> int:
+    user = validate_user(args.user, "USER")
+    return asyncio.run(_balance(user, args.json, args.limit, settings))
+
+
+async def _balance(user: str, as_json: bool, limit: int, settings: Settings) -> int:
+    node = await open_ledger(settings)
+    try:
+        await node.projector.catch_up()
+        account = await node.db.account(user)
+        postings = await node.db.postings(user, limit)
+    finally:
+        await node.aclose()
+    credited = account.credited if account else 0
+    debited = account.debited if account else 0
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "user": user,
+                    "balance": credited - debited,
+                    "credited": credited,
+                    "debited": debited,
+                    "events": [
+                        {
+                            "event_id": p.event_id,
+                            "tokens": p.tokens,
+                            "author": p.author,
+                            "created_at": p.created_at,
+                            "position": p.position,
+                        }
+                        for p in postings
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"user      {user}")
+    print(f"balance   {credited - debited}")
+    print(f"credited  {credited}")
+    print(f"debited   {debited}")
+    for p in postings:
+        print(f"  {p.tokens:+d}  {p.event_id}  by {p.author[:16]}…  at {p.created_at}")
+    return 0

@@ -1,0 +1,1 @@
+"""The DePHY wire protocol: pure parsing and serialization, proven against the vectors."""

@@ -1,0 +1,162 @@
+"""Nostr events (NIP-01): parse one from JSON and verify its id and signature.
+
+The id is sha256 of the canonical serialization `[0, pubkey, created_at, kind, tags, content]`;
+the signature is BIP-340 Schnorr over the id. This is the full rule of nostr-sdk's
+`Event.verify()`, done with hashlib and libsecp256k1 (coincurve) because nostr-sdk's Python
+binding copies every string byte by byte (~90 µs an event), too slow for bulk imports. The
+tests check that both verifiers agree on valid, tampered and forged events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from attrs import frozen
+from coincurve import PrivateKey, PublicKeyXOnly
+
+from dsproxy.errors import InvalidEvent
+
+__all__ = [
+    "NostrEvent",
+    "canonical_id",
+    "parse_event",
+    "public_key_of",
+    "sign_event",
+    "verify_event",
+]
+
+_HEX = frozenset("0123456789abcdef")
+_U64_MAX = 2**64 - 1
+_FIELDS = ("id", "pubkey", "created_at", "kind", "tags", "content", "sig")
+
+
+@frozen
+class NostrEvent:
+    """A NIP-01 event whose shape is valid; `verify_event` checks its id and signature."""
+
+    id: str
+    pubkey: str
+    created_at: int
+    kind: int
+    tags: tuple[tuple[str, ...], ...]
+    content: str
+    sig: str
+
+    def tag(self, name: str) -> str | None:
+        """The first value of the first tag called `name` (readers take the first `p`)."""
+        for tag in self.tags:
+            if len(tag) >= 2 and tag[0] == name:
+                return tag[1]
+        return None
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pubkey": self.pubkey,
+            "created_at": self.created_at,
+            "kind": self.kind,
+            "tags": [list(tag) for tag in self.tags],
+            "content": self.content,
+            "sig": self.sig,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_obj(), separators=(",", ":"), ensure_ascii=False)
+
+
+def _hex(value: Any, name: str, length: int) -> str:
+    if type(value) is not str or len(value) != length or not _HEX.issuperset(value):
+        raise InvalidEvent(f"event.{name} must be {length} lowercase hex characters")
+    return value
+
+
+def parse_event(raw: str | bytes | dict[str, Any]) -> NostrEvent:
+    """Check the shape of a NIP-01 event (not its signature); raise InvalidEvent if wrong."""
+    if isinstance(raw, dict):
+        obj = raw
+    else:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEvent(f"not valid JSON: {exc}") from None
+    if type(obj) is not dict:
+        raise InvalidEvent("an event must be a JSON object")
+    missing = [
+        k for k in ("id", "pubkey", "created_at", "kind", "tags", "content", "sig") if k not in obj
+    ]
+    if missing:
+        raise InvalidEvent(f"event has no {missing[0]!r}")
+    created_at, kind, tags, content = obj["created_at"], obj["kind"], obj["tags"], obj["content"]
+    if type(created_at) is not int or not 0 <= created_at <= _U64_MAX:
+        raise InvalidEvent("event.created_at must be a non-negative integer")
+    if type(kind) is not int or not 0 <= kind <= 65535:
+        raise InvalidEvent("event.kind must be an integer in [0, 65535]")
+    if type(tags) is not list or any(
+        type(tag) is not list or any(type(item) is not str for item in tag) for tag in tags
+    ):
+        raise InvalidEvent("event.tags must be a list of lists of strings")
+    if type(content) is not str:
+        raise InvalidEvent("event.content must be a string")
+    return NostrEvent(
+        id=_hex(obj["id"], "id", 64),
+        pubkey=_hex(obj["pubkey"], "pubkey", 64),
+        created_at=created_at,
+        kind=kind,
+        tags=tuple(tuple(tag) for tag in tags),
+        content=content,
+        sig=_hex(obj["sig"], "sig", 128),
+    )
+
+
+def _id_of(pubkey: str, created_at: int, kind: int, tags: Any, content: str) -> str:
+    serialized = json.dumps(
+        [0, pubkey, created_at, kind, [list(t) for t in tags], content],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    try:
+        return hashlib.sha256(serialized.encode()).hexdigest()
+    except UnicodeEncodeError:  # a lone surrogate: no Nostr implementation can hash it
+        raise InvalidEvent("event contains text that is not valid UTF-8") from None
+
+
+def canonical_id(event: NostrEvent) -> str:
+    """The NIP-01 id: sha256 of `[0,pubkey,created_at,kind,tags,content]` as serde writes it."""
+    return _id_of(event.pubkey, event.created_at, event.kind, event.tags, event.content)
+
+
+def public_key_of(secret_hex: str) -> str:
+    """The x-only public key (hex) of a secret key (hex)."""
+    return PrivateKey(bytes.fromhex(secret_hex)).public_key_xonly.format().hex()
+
+
+def sign_event(
+    secret_hex: str, kind: int, tags: Sequence[Sequence[str]], content: str, created_at: int
+) -> NostrEvent:
+    """Build and BIP-340-sign an event with fresh auxiliary randomness, as nostr-sdk does."""
+    secret = PrivateKey(bytes.fromhex(secret_hex))
+    pubkey = secret.public_key_xonly.format().hex()
+    frozen_tags = tuple(tuple(tag) for tag in tags)
+    event_id = _id_of(pubkey, created_at, kind, frozen_tags, content)
+    sig = secret.sign_schnorr(bytes.fromhex(event_id), os.urandom(32)).hex()
+    return NostrEvent(event_id, pubkey, created_at, kind, frozen_tags, content, sig)
+
+
+def verify_event(raw: str | bytes | dict[str, Any]) -> NostrEvent:
+    """Parse and fully verify an event (id, then signature), as `Event.verify()` does."""
+    event = parse_event(raw)
+    if canonical_id(event) != event.id:
+        raise InvalidEvent(f"event {event.id}: id does not match its content")
+    try:
+        key = PublicKeyXOnly(bytes.fromhex(event.pubkey))
+        valid = key.verify(bytes.fromhex(event.sig), bytes.fromhex(event.id))
+    except ValueError:
+        valid = False  # the pubkey is not a point on the curve
+    if not valid:
+        raise InvalidEvent(f"event {event.id}: signature does not verify for {event.pubkey}")
+    return event

@@ -1,0 +1,7 @@
+"""The pure ledger: no I/O, no clock, no SQL. Import from here, not from the modules."""
+
+from projections.entries import Entry, Ignored
+from projections.ledger import Account, Folded, Ledger, fold
+from projections.trust import TrustPolicy
+
+__all__ = ["Account", "Entry", "Folded", "Ignored", "Ledger", "TrustPolicy", "fold"]
