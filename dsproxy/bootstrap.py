@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from attrs import define
 
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.projection_db import ProjectionDb
 from dsproxy.config import Settings
-from dsproxy.services.projector import Projector, open_projection
+from dsproxy.services.projector import FactProjection, Projector, open_projection
 from dsproxy.wire.envelope import Address
 from projections import TrustPolicy
 
@@ -41,10 +43,14 @@ class LedgerNode:
         await self.store.close()
 
 
-async def open_ledger(settings: Settings) -> LedgerNode:
-    """Open the event store and the projection under the configured trust policy."""
+async def open_ledger(settings: Settings, extensions: Sequence[FactProjection] = ()) -> LedgerNode:
+    """Open the event store and the projection (with any fact projections) under the policy."""
     policy = trust_policy(settings)
     store = AsyncEventStore.open(settings.events_path)
-    db = await open_projection(store, settings.projection_path, policy, settings.content_bytes_max)
-    projector = Projector(store, db, policy, content_bytes_max=settings.content_bytes_max)
+    db = await open_projection(
+        store, settings.projection_path, policy, settings.content_bytes_max, extensions
+    )
+    projector = Projector(
+        store, db, policy, content_bytes_max=settings.content_bytes_max, extensions=extensions
+    )
     return LedgerNode(settings, store, db, projector)

@@ -40,7 +40,10 @@ __all__ = [
 NOSTR_TOPIC = "dsproxy.nostr:Event"
 _NOSTR_NAMESPACE = uuid.UUID("6b8f3f7e-3c1a-5d0e-9a51-1573d5bdc0de")
 _INSERT_IGNORE = "INSERT OR IGNORE INTO {table} VALUES (?,?,?,?)"
-_SELECT_AFTER = "SELECT rowid, topic, state FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?"
+_SELECT_AFTER = (
+    "SELECT rowid, topic, state, originator_id, originator_version FROM {table} "
+    "WHERE rowid > ? ORDER BY rowid LIMIT ?"
+)
 _T = TypeVar("_T")
 
 
@@ -51,11 +54,16 @@ def originator_id_for(event_id: str) -> uuid.UUID:
 
 @frozen
 class StoredRecord:
-    """One entry of the notification log: its position, topic and stored state."""
+    """One entry of the notification log: its position, topic and stored state.
+
+    For a local fact, `fact` is the decoded domain event; for a Nostr event it is None and
+    `state` is the event's JSON.
+    """
 
     position: int
     topic: str
     state: bytes
+    fact: DomainEventProtocol[uuid.UUID] | None = None
 
     @property
     def is_nostr(self) -> bool:
@@ -123,27 +131,32 @@ class EventStore:
         return [recording.notification.id for recording in recordings]
 
     def read(self, after: int, limit: int) -> list[StoredRecord]:
-        """Up to `limit` records after position `after`, in store order."""
+        """Up to `limit` records after position `after`, in store order, facts decoded."""
         try:
             with self._recorder.datastore.transaction(commit=False) as cursor:
                 cursor.execute(self._select_after, (after, limit))
                 rows = cursor.fetchall()
         except PersistenceError as exc:
             raise StoreError(f"could not read the store after {after}: {exc}") from exc
-        return [StoredRecord(row[0], row[1], row[2]) for row in rows]
+        return [
+            StoredRecord(position, topic, state)
+            if topic == NOSTR_TOPIC
+            else StoredRecord(position, topic, state, self._decode(topic, state, row[3], row[4]))
+            for row in rows
+            for position, topic, state in (row[:3],)
+        ]
+
+    def _decode(
+        self, topic: str, state: bytes, originator_id: str, version: int
+    ) -> DomainEventProtocol[uuid.UUID]:
+        stored = StoredEvent(uuid.UUID(originator_id), version, topic, state)
+        return self.application.mapper.to_domain_event(stored)
 
     def scan(self, after: int = 0, page_size: int = 10_000) -> Iterator[StoredRecord]:
         """Every record after `after`, page by page, so memory stays flat."""
         while page := self.read(after, page_size):
             yield from page
             after = page[-1].position
-
-    def decode_fact(self, record: StoredRecord) -> DomainEventProtocol[uuid.UUID]:
-        """Turn a stored local fact back into its domain event."""
-        assert not record.is_nostr, record.position
-        row = self._recorder.select_notifications(record.position, 1)[0]
-        stored = StoredEvent(row.originator_id, row.originator_version, row.topic, row.state)
-        return self.application.mapper.to_domain_event(stored)
 
     def max_position(self) -> int:
         return self._recorder.max_notification_id() or 0

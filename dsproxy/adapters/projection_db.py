@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 from attrs import frozen
@@ -52,10 +53,16 @@ _UPSERT_ACCOUNT = (
 _PARAMS_PER_QUERY_MAX = 500
 
 
-def policy_fingerprint(policy: TrustPolicy) -> str:
-    """A stable digest of the trust policy the tables were folded under."""
+def policy_fingerprint(policy: TrustPolicy, schemas: Sequence[str] = ()) -> str:
+    """A stable digest of the trust policy and extra schemas the tables were folded under."""
     text = json.dumps(
-        [policy.session, policy.machine, sorted(policy.controllers), sorted(policy.backends)]
+        [
+            policy.session,
+            policy.machine,
+            sorted(policy.controllers),
+            sorted(policy.backends),
+            sorted(schemas),
+        ]
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -87,14 +94,21 @@ class ProjectionDb:
         self.path = path
 
     @classmethod
-    async def open(cls, path: Path, *, bulk: bool = False) -> ProjectionDb:
-        """Open (creating) the file; `bulk` skips secondary indexes until `finish_bulk`."""
+    async def open(
+        cls, path: Path, *, bulk: bool = False, schemas: Sequence[str] = ()
+    ) -> ProjectionDb:
+        """Open (creating) the file; `bulk` skips secondary indexes until `finish_bulk`.
+
+        `schemas` are the extra tables of fact projections (CREATE ... IF NOT EXISTS).
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             connection = await aiosqlite.connect(path, isolation_level=None)
             await connection.execute("PRAGMA journal_mode=WAL")
             await connection.execute("PRAGMA synchronous=NORMAL")
             await connection.executescript(_SCHEMA)
+            for schema in schemas:
+                await connection.executescript(schema)
             if not bulk:
                 await connection.execute(_INDEXES)
         except (aiosqlite.Error, OSError) as exc:
@@ -146,8 +160,10 @@ class ProjectionDb:
         postings: Sequence[tuple[int, Entry]],
         ignored: Sequence[tuple[int, Ignored]],
         position: int,
+        extra: Sequence[tuple[str, Sequence[tuple[Any, ...]]]] = (),
     ) -> None:
-        """Write one batch's changes and its position: both or neither."""
+        """Write one batch's changes (and fact projections' `extra` statements with their rows)
+        and its position: all or nothing."""
         try:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -169,6 +185,8 @@ class ProjectionDb:
                     "INSERT INTO ignored VALUES (?, ?, ?)",
                     [(pos, i.event_id, i.reason) for pos, i in ignored],
                 )
+                for statement, rows in extra:
+                    await self._db.executemany(statement, rows)
                 await self._db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('position', ?)",
                     (str(position),),
@@ -206,6 +224,11 @@ class ProjectionDb:
             "SELECT position, event_id, reason FROM ignored ORDER BY position LIMIT ?", (limit,)
         ) as cursor:
             return [(int(p), str(e), str(r)) async for p, e, r in cursor]
+
+    async def fetch_all(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query, for fact projections' own tables."""
+        async with self._db.execute(query, params) as cursor:
+            return [tuple(row) async for row in cursor]
 
     async def counts(self) -> dict[str, int]:
         """Rows per table, for reports."""

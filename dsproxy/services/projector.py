@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 from attrs import frozen
 
@@ -23,9 +24,31 @@ from dsproxy.errors import InvalidEvent
 from dsproxy.wire.event import parse_event
 from projections import Entry, Ignored, Ledger, TrustPolicy, fold
 
-__all__ = ["Batch", "CatchUp", "Projector", "classify", "open_projection", "rebuild"]
+__all__ = [
+    "Batch",
+    "CatchUp",
+    "FactProjection",
+    "Projector",
+    "classify",
+    "open_projection",
+    "rebuild",
+]
 
 log = logging.getLogger(__name__)
+
+
+class FactProjection(Protocol):
+    """A projection of local facts (or of Nostr events) into its own tables.
+
+    `changes` is pure: given one page of records in store order, the statements to run and
+    their rows. They are written in the same transaction as the balances and the position.
+    """
+
+    schema: str
+
+    def changes(
+        self, records: Sequence[StoredRecord]
+    ) -> list[tuple[str, list[tuple[Any, ...]]]]: ...
 
 
 @frozen
@@ -35,6 +58,7 @@ class Batch:
     entries: tuple[tuple[int, Entry], ...]
     ignored: tuple[tuple[int, Ignored], ...]
     last_position: int
+    records: tuple[StoredRecord, ...] = ()
 
 
 @frozen
@@ -61,7 +85,8 @@ def classify(records: Sequence[StoredRecord], content_bytes_max: int = 65_536) -
             entries.append((record.position, result))
         else:
             ignored.append((record.position, result))
-    return Batch(tuple(entries), tuple(ignored), records[-1].position if records else 0)
+    last_position = records[-1].position if records else 0
+    return Batch(tuple(entries), tuple(ignored), last_position, tuple(records))
 
 
 class Projector:
@@ -75,8 +100,10 @@ class Projector:
         *,
         page_size: int = 5_000,
         content_bytes_max: int = 65_536,
+        extensions: Sequence[FactProjection] = (),
     ) -> None:
         self.store, self.db, self.policy = store, db, policy
+        self.extensions = tuple(extensions)
         self.page_size = page_size
         self.content_bytes_max = content_bytes_max
         self.applied = asyncio.Condition()
@@ -96,6 +123,11 @@ class Projector:
             postings=[(position_of[entry.event_id], entry) for entry in folded.applied],
             ignored=ignored,
             position=batch.last_position,
+            extra=[
+                change
+                for extension in self.extensions
+                for change in extension.changes(batch.records)
+            ],
         )
 
     async def catch_up(self, progress: Callable[[int], None] | None = None) -> CatchUp:
@@ -135,15 +167,19 @@ async def rebuild(
     *,
     progress: Callable[[int], None] | None = None,
     content_bytes_max: int = 65_536,
+    extensions: Sequence[FactProjection] = (),
 ) -> CatchUp:
     """Replay the whole store into a fresh file, then swap it in; the old file stays until then."""
     fresh = path.with_name(path.name + ".rebuild")
     for leftover in (fresh, Path(f"{fresh}-wal"), Path(f"{fresh}-shm")):
         leftover.unlink(missing_ok=True)
-    db = await ProjectionDb.open(fresh, bulk=True)
+    schemas = [extension.schema for extension in extensions]
+    db = await ProjectionDb.open(fresh, bulk=True, schemas=schemas)
     try:
-        await db.set_fingerprint(policy_fingerprint(policy))
-        projector = Projector(store, db, policy, content_bytes_max=content_bytes_max)
+        await db.set_fingerprint(policy_fingerprint(policy, schemas))
+        projector = Projector(
+            store, db, policy, content_bytes_max=content_bytes_max, extensions=extensions
+        )
         result = await projector.catch_up(progress)
         await db.finish_bulk()
     finally:
@@ -155,11 +191,16 @@ async def rebuild(
 
 
 async def open_projection(
-    store: AsyncEventStore, path: Path, policy: TrustPolicy, content_bytes_max: int = 65_536
+    store: AsyncEventStore,
+    path: Path,
+    policy: TrustPolicy,
+    content_bytes_max: int = 65_536,
+    extensions: Sequence[FactProjection] = (),
 ) -> ProjectionDb:
     """Open the projection, rebuilding it first if it was folded under another trust policy."""
-    fingerprint = policy_fingerprint(policy)
-    db = await ProjectionDb.open(path)
+    schemas = [extension.schema for extension in extensions]
+    fingerprint = policy_fingerprint(policy, schemas)
+    db = await ProjectionDb.open(path, schemas=schemas)
     recorded = await db.fingerprint()
     if recorded == fingerprint:
         return db
@@ -168,5 +209,5 @@ async def open_projection(
         return db
     log.warning("trust policy changed since %s was built: rebuilding it from the store", path)
     await db.close()
-    await rebuild(store, path, policy, content_bytes_max=content_bytes_max)
-    return await ProjectionDb.open(path)
+    await rebuild(store, path, policy, content_bytes_max=content_bytes_max, extensions=extensions)
+    return await ProjectionDb.open(path, schemas=schemas)
