@@ -27,6 +27,9 @@ class Account:
         return self.credited - self.debited
 
 
+_EMPTY = Account()
+
+
 @frozen
 class Ledger:
     """Accounts by user and the entry ids already applied, under one trust policy."""
@@ -66,16 +69,17 @@ def fold(entries: Iterable[Entry], ledger: Ledger) -> Folded:
         if reason is not None:
             ignored.append(Ignored(entry.event_id, reason))
             continue
-        account = accounts.get(entry.user, Account())
+        account = accounts.get(entry.user, _EMPTY)
+        credited, debited = account.credited, account.debited
         if entry.tokens > 0:
-            account = evolve(account, credited=account.credited + entry.tokens)
+            credited += entry.tokens
         else:
-            account = evolve(account, debited=account.debited - entry.tokens)
-        if account.credited > _I64_MAX or account.debited > _I64_MAX:
+            debited -= entry.tokens
+        if credited > _I64_MAX or debited > _I64_MAX:
             ignored.append(Ignored(entry.event_id, "totals would exceed the i64 range"))
             continue
         seen.add(entry.event_id)
-        accounts[entry.user] = evolve(account, entries=account.entries + 1)
+        accounts[entry.user] = Account(credited, debited, account.entries + 1)
         applied.append(entry)
     new_ledger = evolve(ledger, accounts=accounts, seen_ids=frozenset(seen))
     return Folded(new_ledger, tuple(applied), tuple(ignored))

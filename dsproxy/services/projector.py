@@ -11,18 +11,18 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 from attrs import frozen
 
-from dsproxy.adapters.event_store import AsyncEventStore, StoredRecord
+from dsproxy.adapters.event_store import NOSTR_TOPIC, AsyncEventStore, StoredRecord
 from dsproxy.adapters.projection_db import ProjectionDb, policy_fingerprint
-from dsproxy.domain.transactions import entry_from_event
-from dsproxy.errors import InvalidEvent
-from dsproxy.wire.event import parse_event
-from projections import Entry, Ignored, Ledger, TrustPolicy, fold
+from dsproxy.domain.transactions import entry_from_parts
+from projections import Account, Entry, Ignored, Ledger, TrustPolicy, fold
 
 __all__ = [
     "Batch",
@@ -74,13 +74,18 @@ def classify(records: Sequence[StoredRecord], content_bytes_max: int = 65_536) -
     entries: list[tuple[int, Entry]] = []
     ignored: list[tuple[int, Ignored]] = []
     for record in records:
-        if not record.is_nostr:
+        if record.topic != NOSTR_TOPIC:
             continue
-        try:
-            event = parse_event(record.state)
-        except InvalidEvent as exc:  # the store verified it; a bad row is our bug, not input
-            raise AssertionError(f"store position {record.position}: {exc}") from exc
-        result = entry_from_event(event, content_bytes_max)
+        event = orjson.loads(record.state)  # verified before it was stored
+        result = entry_from_parts(
+            event["id"],
+            event["pubkey"],
+            event["kind"],
+            event["tags"],
+            event["content"],
+            event["created_at"],
+            content_bytes_max,
+        )
         if isinstance(result, Entry):
             entries.append((record.position, result))
         else:
@@ -101,52 +106,73 @@ class Projector:
         page_size: int = 5_000,
         content_bytes_max: int = 65_536,
         extensions: Sequence[FactProjection] = (),
+        accounts_cached_max: int = 100_000,
     ) -> None:
         self.store, self.db, self.policy = store, db, policy
         self.extensions = tuple(extensions)
         self.page_size = page_size
         self.content_bytes_max = content_bytes_max
         self.applied = asyncio.Condition()
+        self._one_at_a_time = asyncio.Lock()
+        # Committed totals of recently folded users, so a batch rarely reads them back.
+        self._accounts: OrderedDict[str, Account] = OrderedDict()
+        self._accounts_cached_max = accounts_cached_max
+
+    async def _load_accounts(self, users: set[str]) -> dict[str, Account]:
+        accounts = {user: self._accounts[user] for user in users if user in self._accounts}
+        missing = users.difference(accounts)
+        if missing:
+            accounts.update(await self.db.load_accounts(missing))
+        return accounts
+
+    def _remember(self, accounts: dict[str, Account]) -> None:
+        for user, account in accounts.items():
+            self._accounts[user] = account
+            self._accounts.move_to_end(user)
+        while len(self._accounts) > self._accounts_cached_max:
+            self._accounts.popitem(last=False)
 
     async def apply(self, batch: Batch) -> None:
         """Fold one batch over the current accounts of its users and write the result."""
-        users = {entry.user for _, entry in batch.entries}
-        accounts = await self.db.load_accounts(users)
+        accounts = await self._load_accounts({entry.user for _, entry in batch.entries})
         folded = fold((entry for _, entry in batch.entries), Ledger(self.policy, accounts))
         position_of = {entry.event_id: position for position, entry in batch.entries}
         ignored = list(batch.ignored)
         ignored += [(position_of[item.event_id], item) for item in folded.ignored]
         ignored.sort(key=lambda pair: pair[0])
-        touched = {entry.user for entry in folded.applied}
-        await self.db.apply(
-            accounts={user: folded.ledger.accounts[user] for user in touched},
-            postings=[(position_of[entry.event_id], entry) for entry in folded.applied],
-            ignored=ignored,
-            position=batch.last_position,
-            extra=[
-                change
-                for extension in self.extensions
-                for change in extension.changes(batch.records)
-            ],
-        )
+        touched = {entry.user: folded.ledger.accounts[entry.user] for entry in folded.applied}
+        try:
+            await self.db.apply(
+                accounts=touched,
+                postings=[(position_of[entry.event_id], entry) for entry in folded.applied],
+                ignored=ignored,
+                position=batch.last_position,
+                extra=[
+                    change
+                    for extension in self.extensions
+                    for change in extension.changes(batch.records)
+                ],
+            )
+        except BaseException:
+            self._accounts.clear()  # the write may not have happened: forget what it said
+            raise
+        self._remember(touched)
 
     async def catch_up(self, progress: Callable[[int], None] | None = None) -> CatchUp:
-        """Apply everything after the recorded position; reads the next page while writing."""
-        position = await self.db.position()
-        total = 0
-        page = await self.store.read(position, self.page_size)
-        while page:
-            next_page = asyncio.ensure_future(self.store.read(page[-1].position, self.page_size))
-            try:
+        """Apply everything after the recorded position, one caller at a time.
+
+        Stages run one after another on purpose: sqlite3 releases the GIL for every row it
+        steps, so reading on one thread while this one folds makes both wait (a GIL convoy).
+        """
+        async with self._one_at_a_time:
+            position = await self.db.position()
+            total = 0
+            while page := await self.store.read(position, self.page_size):
                 await self.apply(classify(page, self.content_bytes_max))
-            except BaseException:
-                next_page.cancel()
-                raise
-            total += len(page)
-            position = page[-1].position
-            if progress is not None:
-                progress(len(page))
-            page = await next_page
+                total += len(page)
+                position = page[-1].position
+                if progress is not None:
+                    progress(len(page))
         async with self.applied:
             self.applied.notify_all()
         return CatchUp(total, position)

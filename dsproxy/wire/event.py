@@ -24,6 +24,7 @@ from dsproxy.errors import InvalidEvent
 __all__ = [
     "NostrEvent",
     "canonical_id",
+    "load_stored_event",
     "parse_event",
     "public_key_of",
     "sign_event",
@@ -110,6 +111,21 @@ def parse_event(raw: str | bytes | dict[str, Any]) -> NostrEvent:
         tags=tuple(tuple(tag) for tag in tags),
         content=content,
         sig=_hex(obj["sig"], "sig", 128),
+    )
+
+
+def load_stored_event(state: bytes) -> NostrEvent:
+    """Read back an event this node verified before storing it: no second check of its shape."""
+    obj = orjson.loads(state)
+    assert type(obj) is dict, "the store holds JSON objects"  # written by EventStore only
+    return NostrEvent(
+        obj["id"],
+        obj["pubkey"],
+        obj["created_at"],
+        obj["kind"],
+        tuple(map(tuple, obj["tags"])),
+        obj["content"],
+        obj["sig"],
     )
 
 

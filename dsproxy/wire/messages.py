@@ -167,6 +167,8 @@ def _dumps(value: Any) -> str:
 def _fields(obj: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> Any:
     if type(obj) is not dict:
         raise _fail(where, f"must be a JSON object, got {type(obj).__name__}")
+    if len(obj) == len(required) and all(name in obj for name in required):
+        return obj
     missing = [name for name in required if name not in obj]
     if missing:
         raise _fail(where, f"missing field {missing[0]!r}")

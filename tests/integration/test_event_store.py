@@ -1,0 +1,107 @@
+"""The event store on a real SQLite file (eventsourcing's SQLite recorder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from eventsourcing.domain import Aggregate, event
+
+from dsproxy.adapters.event_store import NOSTR_TOPIC, AsyncEventStore, EventStore
+from dsproxy.wire.envelope import Address
+from tests.builders import credit, debit
+
+USER = "Dp5nyDG2fjpVy99TtJrKCTsXoeFieTJNeYr2wz6TFT3h"
+
+
+class Payment(Aggregate):
+    """A stand-in local fact with a lifecycle, as the controller will record."""
+
+    @event("Accepted")
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.confirmed = False
+
+    @event("Confirmed")
+    def confirm(self) -> None:
+        self.confirmed = True
+
+
+def test_duplicate_append_is_a_no_op_not_an_error(tmp_path: Path, address: Address) -> None:
+    store = EventStore(tmp_path / "events.sqlite")
+    events = [credit(address, USER, 10), debit(address, USER, 3)]
+    first = store.append_nostr(events)
+    again = store.append_nostr([*events, events[0]])
+    assert [event_id for _, event_id in first.appended] == [e.id for e in events]
+    assert again.appended == ()
+    assert again.duplicates == (events[0].id, events[1].id, events[0].id)
+    assert store.count_nostr() == 2
+    store.close()
+
+
+def test_duplicates_inside_one_batch_are_stored_once(tmp_path: Path, address: Address) -> None:
+    store = EventStore(tmp_path / "events.sqlite")
+    event = credit(address, USER, 10)
+    outcome = store.append_nostr([event, event, event])
+    assert len(outcome.appended) == 1
+    assert outcome.duplicates == (event.id, event.id)
+    store.close()
+
+
+def test_raw_event_json_is_kept_for_export_and_re_verification(
+    tmp_path: Path, address: Address
+) -> None:
+    store = EventStore(tmp_path / "events.sqlite")
+    event = credit(address, USER, 10)
+    store.append_nostr([event])
+    (record,) = store.read(0, 10)
+    assert record.topic == NOSTR_TOPIC
+    assert record.state == event.to_json().encode()
+    store.close()
+
+
+def test_facts_and_nostr_events_share_one_order_that_survives_reopening(
+    tmp_path: Path, address: Address
+) -> None:
+    path = tmp_path / "events.sqlite"
+    store = EventStore(path)
+    store.append_nostr([credit(address, USER, 10)])
+    payment = Payment(request_id="ab" * 32)
+    payment.confirm()
+    fact_positions = store.save(payment)
+    store.append_nostr([debit(address, USER, 1)])
+    store.close()
+
+    reopened = EventStore(path)
+    records = reopened.read(0, 100)
+    assert [r.position for r in records] == [1, 2, 3, 4]
+    assert fact_positions == [2, 3]
+    assert [r.is_nostr for r in records] == [True, False, False, True]
+    assert type(records[1].fact).__qualname__ == "Payment.Accepted"
+    assert type(records[2].fact).__qualname__ == "Payment.Confirmed"
+    loaded = reopened.application.repository.get(payment.id)
+    assert loaded.confirmed and loaded.request_id == "ab" * 32
+    assert reopened.read(2, 1)[0].position == 3
+    reopened.close()
+
+
+def test_scan_pages_through_everything_in_order(tmp_path: Path, address: Address) -> None:
+    store = EventStore(tmp_path / "events.sqlite")
+    store.append_nostr([credit(address, USER, n) for n in range(1, 26)])
+    positions = [record.position for record in store.scan(page_size=7)]
+    assert positions == list(range(1, 26))
+    store.close()
+
+
+@pytest.mark.asyncio
+async def test_async_store_serializes_concurrent_appends(tmp_path: Path, address: Address) -> None:
+    import asyncio
+
+    store = AsyncEventStore.open(tmp_path / "events.sqlite")
+    events = [credit(address, USER, n) for n in range(1, 41)]
+    outcomes = await asyncio.gather(*(store.append_nostr([e]) for e in events + events))
+    appended = sum(len(o.appended) for o in outcomes)
+    duplicates = sum(len(o.duplicates) for o in outcomes)
+    assert (appended, duplicates) == (40, 40)
+    assert await store.max_position() == 40
+    await store.close()

@@ -1,0 +1,158 @@
+"""`dsproxy import | export | replay | balance`, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dsproxy.wire.envelope import Address
+from dsproxy.wire.event import NostrEvent
+from tests.builders import credit, debit
+from tests.conftest import CONTROLLER_SECRET, STRANGER_SECRET
+
+ALICE = "Dp5nyDG2fjpVy99TtJrKCTsXoeFieTJNeYr2wz6TFT3h"
+BOB = "7U84W13X2v7Uj99sDc9gRjyoDp5xHnSchdc8HqHwJ3Qb"
+
+
+def dsproxy(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dsproxy.entrypoints.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def balance(env: dict[str, str], user: str) -> dict:
+    result = dsproxy(env, "balance", user, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def mixed_file(tmp_path: Path, address: Address) -> tuple[Path, list[NostrEvent]]:
+    trusted = [
+        credit(address, ALICE, 1_000),
+        credit(address, BOB, 300),
+        debit(address, ALICE, 250),
+        debit(address, BOB, 301),
+    ]
+    untrusted = [
+        credit(address, ALICE, 50_000, secret=STRANGER_SECRET),
+        debit(address, BOB, 5, secret=CONTROLLER_SECRET),
+    ]
+    forged = json.loads(credit(address, ALICE, 7).to_json())
+    forged["content"] = forged["content"].replace("7", "7000")
+    off_session = credit(Address("another-session", address.machine), ALICE, 9)
+    lines = [
+        *(e.to_json() for e in trusted),
+        *(e.to_json() for e in untrusted),
+        json.dumps(forged),
+        "this is not json",
+        "",
+        off_session.to_json(),
+        trusted[0].to_json(),  # a duplicate
+    ]
+    return write_lines(tmp_path / "mixed.jsonl", lines), trusted
+
+
+def test_import_of_a_mixed_file_yields_exactly_the_trusted_balances(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    path, trusted = mixed_file(tmp_path, address)
+    result = dsproxy(node_env, "import", str(path))
+    assert result.returncode == 1, result.stderr  # some lines were refused
+    assert "accepted 6, duplicate 1, refused 3" in result.stdout
+    assert "line 7: event" in result.stdout and "id does not match" in result.stdout
+    assert "line 8: not valid JSON" in result.stdout
+    assert "line 10:" in result.stdout and "not kind 1573 for this session" in result.stdout
+
+    alice, bob = balance(node_env, ALICE), balance(node_env, BOB)
+    assert (alice["balance"], alice["credited"], alice["debited"]) == (750, 1_000, 250)
+    assert (bob["balance"], bob["credited"], bob["debited"]) == (-1, 300, 301)
+    assert [e["event_id"] for e in alice["events"]] == [trusted[0].id, trusted[2].id]
+
+
+def test_replay_reproduces_the_balances(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    path, _ = mixed_file(tmp_path, address)
+    dsproxy(node_env, "import", str(path))
+    before = balance(node_env, ALICE), balance(node_env, BOB)
+    result = dsproxy(node_env, "replay")
+    assert result.returncode == 0, result.stderr
+    assert "replayed 6 events, 2 users, 4 postings, 2 ignored" in result.stdout
+    assert "events/s" in result.stdout
+    assert (balance(node_env, ALICE), balance(node_env, BOB)) == before
+
+
+def test_export_then_import_elsewhere_gives_the_same_ledger(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    path, _ = mixed_file(tmp_path, address)
+    dsproxy(node_env, "import", str(path))
+    exported = tmp_path / "exported.jsonl"
+    result = dsproxy(node_env, "export", str(exported))
+    assert result.returncode == 0, result.stderr
+    assert len(exported.read_text().splitlines()) == 6
+
+    elsewhere = {**node_env, "DSPROXY_DATA_DIR": str(tmp_path / "elsewhere")}
+    result = dsproxy(elsewhere, "import", str(exported))
+    assert result.returncode == 0, result.stdout
+    assert "accepted 6, duplicate 0, refused 0" in result.stdout
+    assert balance(elsewhere, ALICE) == balance(node_env, ALICE)
+
+
+def test_missing_file_is_a_clear_error_and_changes_nothing(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    good = write_lines(tmp_path / "good.jsonl", [credit(address, ALICE, 5).to_json()])
+    dsproxy(node_env, "import", str(good))
+    result = dsproxy(node_env, "import", str(tmp_path / "missing.jsonl"))
+    assert result.returncode == 2
+    assert "missing.jsonl" in result.stderr and "not a readable file" in result.stderr
+    assert balance(node_env, ALICE)["balance"] == 5
+
+
+def test_bad_configuration_names_the_key_and_value(
+    tmp_path: Path, node_env: dict[str, str]
+) -> None:
+    result = dsproxy({**node_env, "DSPROXY_TRUSTED_BACKENDS": "abc"}, "balance", ALICE)
+    assert result.returncode == 2
+    assert "DSPROXY_TRUSTED_BACKENDS has 'abc': not a 64-char hex public key" in result.stderr
+
+
+def test_balance_of_a_bad_user_key_is_refused(node_env: dict[str, str]) -> None:
+    result = dsproxy(node_env, "balance", "not-a-key")
+    assert result.returncode == 2
+    assert "USER: 'not-a-key' is not a 32-byte base58 Solana public key" in result.stderr
+
+
+def test_config_file_supplies_settings_and_env_overrides_it(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    config = tmp_path / "dsproxy.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "from-file"}"\n'
+        f'machine_pubkey = "{address.machine}"\n'
+        f'trusted_controllers = ["{node_env["DSPROXY_TRUSTED_CONTROLLERS"]}"]\n'
+    )
+    env = {"DSPROXY_CONFIG": str(config)}
+    good = write_lines(tmp_path / "one.jsonl", [credit(address, ALICE, 42).to_json()])
+    assert dsproxy(env, "import", str(good)).returncode == 0
+    assert (tmp_path / "from-file" / "events.sqlite").exists()
+    assert balance(env, ALICE)["balance"] == 42
+    overridden = {**env, "DSPROXY_DATA_DIR": str(tmp_path / "from-env")}
+    assert balance(overridden, ALICE)["balance"] == 0
+
+    config.write_text("unknown_key = 1\n")
+    result = dsproxy(env, "balance", ALICE)
+    assert result.returncode == 2 and "unknown key 'unknown_key'" in result.stderr
