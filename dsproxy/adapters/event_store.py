@@ -109,6 +109,20 @@ class EventStore:
 
     def append_nostr(self, events: Sequence[NostrEvent]) -> AppendOutcome:
         """Append verified events in one transaction; an event already stored is a no-op."""
+        return self.record(events)
+
+    def record(self, events: Sequence[NostrEvent], *aggregates: Aggregate) -> AppendOutcome:
+        """Append Nostr events and the pending facts of aggregates in one transaction.
+
+        Both or neither: a handler that signs an event and records why (a payment credited, a
+        hold settled) can never keep one without the other. A fact that conflicts with one
+        already stored (the same aggregate version: a concurrent change) aborts the whole write.
+        """
+        stored_facts = [
+            self.application.mapper.to_stored_event(fact)
+            for aggregate in aggregates
+            for fact in aggregate.collect_events()
+        ]
         appended: list[tuple[int, str]] = []
         duplicates: list[str] = []
         try:
@@ -123,8 +137,14 @@ class EventStore:
                         appended.append((int(cursor.lastrowid), event.id))
                     else:
                         duplicates.append(event.id)
+                if stored_facts:
+                    # the recorder's own insert, inside our transaction (as its process
+                    # recorder does with tracking records)
+                    self._recorder._insert_events(cursor, stored_facts)
         except PersistenceError as exc:
-            raise StoreError(f"could not append {len(events)} events: {exc}") from exc
+            raise StoreError(
+                f"could not record {len(events)} events and {len(stored_facts)} facts: {exc}"
+            ) from exc
         return AppendOutcome(tuple(appended), tuple(duplicates))
 
     def save(self, *aggregates: Aggregate) -> list[int]:
@@ -198,6 +218,10 @@ class AsyncEventStore:
 
     async def append_nostr(self, events: Sequence[NostrEvent]) -> AppendOutcome:
         result: AppendOutcome = await self._run(self.sync.append_nostr, events)
+        return result
+
+    async def record(self, events: Sequence[NostrEvent], *aggregates: Aggregate) -> AppendOutcome:
+        result: AppendOutcome = await self._run(lambda: self.sync.record(events, *aggregates))
         return result
 
     async def save(self, *aggregates: Aggregate) -> list[int]:

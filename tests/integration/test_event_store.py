@@ -8,6 +8,7 @@ import pytest
 from eventsourcing.domain import Aggregate, event
 
 from dsproxy.adapters.event_store import NOSTR_TOPIC, AsyncEventStore, EventStore
+from dsproxy.errors import StoreError
 from dsproxy.wire.envelope import Address
 from tests.builders import credit, debit
 
@@ -105,3 +106,24 @@ async def test_async_store_serializes_concurrent_appends(tmp_path: Path, address
     assert (appended, duplicates) == (40, 40)
     assert await store.max_position() == 40
     await store.close()
+
+
+def test_record_writes_events_and_facts_together_or_not_at_all(
+    tmp_path: Path, address: Address
+) -> None:
+    store = EventStore(tmp_path / "events.sqlite")
+    payment = Payment(request_id="cd" * 32)
+    credit_event = credit(address, USER, 5)
+    outcome = store.record([credit_event], payment)
+    assert [event_id for _, event_id in outcome.appended] == [credit_event.id]
+    assert [r.is_nostr for r in store.read(0, 10)] == [True, False]
+
+    stale = store.application.repository.get(payment.id)
+    fresh = store.application.repository.get(payment.id)
+    fresh.confirm()
+    store.save(fresh)
+    stale.confirm()  # the same version again: a concurrent change
+    with pytest.raises(StoreError, match="could not record"):
+        store.record([debit(address, USER, 2)], stale)
+    assert store.count_nostr() == 1  # the debit was rolled back with the conflicting fact
+    store.close()
