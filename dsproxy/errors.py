@@ -4,11 +4,21 @@ DsproxyError
 ├── ConfigError              bad configuration, named key and value (start-up refuses)
 ├── BadInput                 the caller sent something wrong; nothing was changed (HTTP 400)
 │   ├── MalformedMessage     a DePHY message that does not parse or validate
-│   └── InvalidEvent         a Nostr event whose id or signature does not verify
+│   ├── InvalidEvent         a Nostr event whose id or signature does not verify
+│   ├── InvalidParameter     one named request parameter is wrong (`param`, `code`)
+│   └── ContextTooLong       the prompt does not fit the model's context window
 ├── InsufficientTokens       not enough available balance (HTTP 402)
 ├── StoreError               the event store or projection could not be read or written
 ├── UpstreamError            the model server failed (HTTP 502)
-│   └── UpstreamTimeout      ... by not answering in time (HTTP 504)
+│   ├── UpstreamTimeout      ... by not answering in time (HTTP 504)
+│   ├── UpstreamRejected     ... because it refused the request itself (HTTP 400, passed on)
+│   ├── UpstreamUnauthorized ... because it refused the operator's key (401/403 -> HTTP 502)
+│   ├── UpstreamQuotaExhausted ... because the operator's account is empty (402 -> HTTP 503)
+│   ├── UpstreamRateLimited  ... because it rate-limits the operator (429 -> HTTP 429)
+│   └── UpstreamCut          ... by ending a stream before it was complete
+├── AuthenticationFailed     no, a wrong, expired, replayed or revoked credential (HTTP 401)
+├── NotFound                 no such resource for this user; others' look the same (HTTP 404)
+├── RateLimited              a per-user limit on requests or concurrency (HTTP 429)
 └── PaymentError             a Solana payment (balance-payment program) failed or is unknown
     ├── AccountDataInvalid   an account's bytes are not the layout the program writes
     ├── ProgramError         the transaction ran and the program refused it (`code`)
@@ -30,17 +40,22 @@ from __future__ import annotations
 __all__ = [
     "AccountDataInvalid",
     "AnchorConstraint",
+    "AuthenticationFailed",
     "BadInput",
     "ConfigError",
     "ConfirmationTimeout",
+    "ContextTooLong",
     "DsproxyError",
     "InsufficientTokens",
     "InvalidEvent",
+    "InvalidParameter",
     "MalformedMessage",
+    "NotFound",
     "PaymentError",
     "PaymentInsufficientFunds",
     "PaymentUnauthorized",
     "ProgramError",
+    "RateLimited",
     "RpcError",
     "SignatureExpired",
     "SignatureFormatInvalid",
@@ -49,8 +64,13 @@ __all__ = [
     "StoreError",
     "TransactionExpired",
     "TransactionFailed",
+    "UpstreamCut",
     "UpstreamError",
+    "UpstreamQuotaExhausted",
+    "UpstreamRateLimited",
+    "UpstreamRejected",
     "UpstreamTimeout",
+    "UpstreamUnauthorized",
 ]
 
 
@@ -187,3 +207,59 @@ class ConfirmationTimeout(RpcError):
     def __init__(self, message: str, *, signature: str) -> None:
         super().__init__(message)
         self.signature = signature
+
+
+# --- the backend's HTTP API ---------------------------------------------------------------------
+
+
+class UpstreamRejected(UpstreamError):
+    """The model server refused the request as invalid (its 400/404/422): the caller's to fix."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamUnauthorized(UpstreamError):
+    """The model server refused the operator's API key (401/403): the operator's to fix."""
+
+
+class UpstreamQuotaExhausted(UpstreamError):
+    """The operator's account at the model server has run out (402)."""
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The model server rate-limits the operator (429); retrying later may work."""
+
+
+class UpstreamCut(UpstreamError):
+    """A streamed answer ended without its end marker (connection lost, malformed chunk)."""
+
+
+class AuthenticationFailed(DsproxyError):
+    """No credential, or a wrong, expired, replayed or revoked one."""
+
+
+class NotFound(DsproxyError):
+    """The resource does not exist for this user (another user's is reported the same way)."""
+
+
+class RateLimited(DsproxyError):
+    """A per-user limit (requests per minute, concurrent requests) refused the request."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ContextTooLong(BadInput):
+    """The prompt alone does not fit the model's context window; nothing was charged."""
+
+
+class InvalidParameter(BadInput):
+    """One request parameter is wrong; `param` names it and `code` is the OpenAI error code."""
+
+    def __init__(self, message: str, *, param: str, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsproxy.config import load_settings
-from dsproxy.entrypoints import ledger_commands
+from dsproxy.entrypoints import ledger_commands, localchain_commands, wallet_commands
 from dsproxy.errors import DsproxyError
 
 __all__ = ["main"]
 
-_COMMAND_MODULES = (ledger_commands,)
+_COMMAND_MODULES = (ledger_commands, wallet_commands, localchain_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,138 @@
+"""`dsproxy wallet ...` as a user runs it, against the local chain over HTTP JSON-RPC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from solders.keypair import Keypair
+
+from dsproxy.entrypoints.cli import main
+from dsproxy.localchain import LocalChain, LocalChainServer
+from dsproxy.wire.event import verify_event
+from dsproxy.wire.messages import Request, parse_message
+from dsproxy.wire.recover import verify_recover
+from tests.integration.localchain_fixtures import (  # noqa: F401 (fixtures)
+    Parties,
+    chain_fixture,
+    chain_server_fixture,
+    parties_fixture,
+)
+
+MACHINE = "ab" * 32
+
+
+def _keypair_file(directory: Path, keypair: Keypair, name: str = "user.json") -> Path:
+    path = directory / name
+    path.write_text(json.dumps(list(bytes(keypair))))
+    return path
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def user_file(tmp_path: Path, parties: Parties) -> Path:
+    return _keypair_file(tmp_path, parties.user)
+
+
+@pytest.fixture(autouse=True)
+def environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, chain_server: LocalChainServer
+) -> None:
+    monkeypatch.setenv("DSPROXY_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DSPROXY_SOLANA_RPC_URL", chain_server.url)
+    monkeypatch.setenv("DSPROXY_MACHINE_PUBKEY", MACHINE)
+
+
+def test_authorize_prints_the_dapps_recover_info_bytes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, vectors: dict[str, Any]
+) -> None:
+    bp = vectors["balance_payment"]
+    user = Keypair.from_seed(bytes.fromhex(bp["user_seed_hex"]))
+    recover = bp["recover"]
+    code, out, _ = _run(
+        capsys,
+        "wallet",
+        "authorize",
+        "--keypair",
+        str(_keypair_file(tmp_path, user)),
+        "--nonce",
+        str(recover["nonce"]),
+        "--deadline",
+        str(recover["deadline"]),
+        "--payload",
+        recover["payload_hex"],
+    )
+    assert code == 0
+    assert out == recover["recover_info_json"] + "\n"
+
+
+def test_register_deposit_status_withdraw_move_the_vault(
+    capsys: pytest.CaptureFixture[str], user_file: Path, chain: LocalChain, parties: Parties
+) -> None:
+    keypair = ["--keypair", str(user_file)]
+    assert _run(capsys, "wallet", "register", *keypair)[0] == 0
+    assert _run(capsys, "wallet", "deposit", "0.02", *keypair)[0] == 0
+    assert _run(capsys, "wallet", "withdraw", "5000000", "--lamports", *keypair)[0] == 0
+
+    code, out, _ = _run(capsys, "wallet", "status", *keypair)
+
+    status = json.loads(out)
+    assert code == 0
+    assert status["registered"] is True
+    assert status["nonce"] == 0
+    assert status["vault_lamports"] == status["free_lamports"] == 15_000_000
+    vault = chain.program.vault_pda(parties.user.pubkey())[0]
+    assert chain.get_balance(vault) == 15_000_000
+
+
+def test_refused_withdraw_prints_the_programs_error_and_exits_2(
+    capsys: pytest.CaptureFixture[str], user_file: Path
+) -> None:
+    keypair = ["--keypair", str(user_file)]
+    _run(capsys, "wallet", "register", *keypair)
+    code, _, err = _run(capsys, "wallet", "withdraw", "1", *keypair)
+    assert code == 2
+    assert "InsufficientFunds (6001)" in err
+
+
+def test_recharge_print_only_signs_the_request_for_the_onchain_nonce(
+    capsys: pytest.CaptureFixture[str], user_file: Path, parties: Parties
+) -> None:
+    _run(capsys, "wallet", "register", "--keypair", str(user_file))
+    code, out, _ = _run(capsys, "wallet", "recharge", "--keypair", str(user_file), "--print-only")
+
+    assert code == 0
+    event = verify_event(out.strip())
+    assert event.kind == 1573 and event.tag("p") == MACHINE
+    request = parse_message(event.content)
+    assert isinstance(request, Request)
+    assert request.payload.nonce == 0
+    assert request.payload.user == str(parties.user.pubkey())
+    assert verify_recover(request.payload.recover, parties.user.pubkey(), 0)
+
+
+def test_recharge_without_a_relay_layer_says_so_and_publishes_nothing(
+    capsys: pytest.CaptureFixture[str], user_file: Path
+) -> None:
+    _run(capsys, "wallet", "register", "--keypair", str(user_file))
+    code, out, err = _run(capsys, "wallet", "recharge", "--keypair", str(user_file))
+    assert code == 2
+    assert out == ""
+    assert "--print-only" in err
+
+
+def test_a_bad_keypair_file_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text("[1, 2, 3]")
+    code, _, err = _run(capsys, "wallet", "status", "--keypair", str(path))
+    assert code == 2
+    assert "64 bytes" in err
