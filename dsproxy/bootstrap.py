@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from attrs import define
+from solders.pubkey import Pubkey
 
+from dsproxy.adapters.balance_payment import BalancePayment
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.projection_db import ProjectionDb
 from dsproxy.config import Settings
@@ -13,7 +15,20 @@ from dsproxy.services.projector import FactProjection, Projector, open_projectio
 from dsproxy.wire.envelope import Address
 from projections import TrustPolicy
 
-__all__ = ["LedgerNode", "address", "open_ledger", "trust_policy"]
+__all__ = [
+    "LedgerNode",
+    "address",
+    "open_ledger",
+    "program_from_settings",
+    "trust_policy",
+]
+
+
+def program_from_settings(settings: Settings) -> BalancePayment:
+    """The balance-payment deployment the settings name (id, version, namespace)."""
+    return BalancePayment(
+        Pubkey.from_string(settings.program_id), settings.program_version, settings.namespace_id
+    )
 
 
 def address(settings: Settings) -> Address:

@@ -16,12 +16,10 @@ from typing import Any
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
+from dsproxy.adapters.solana_keys import load_keypair
+from dsproxy.bootstrap import program_from_settings
 from dsproxy.config import Settings
-from dsproxy.entrypoints.wallet_commands import (
-    LAMPORTS_PER_SOL,
-    load_keypair,
-    program_from_settings,
-)
+from dsproxy.entrypoints.wallet_commands import LAMPORTS_PER_SOL
 from dsproxy.errors import BadInput, ConfigError
 from dsproxy.localchain import LocalChain, LocalChainServer
 

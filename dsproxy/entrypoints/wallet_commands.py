@@ -19,8 +19,9 @@ import nostr_sdk
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
-from dsproxy.adapters.balance_payment import BalancePayment
+from dsproxy.adapters.solana_keys import load_keypair
 from dsproxy.adapters.solana_rpc import BalancePaymentRpc
+from dsproxy.bootstrap import program_from_settings
 from dsproxy.config import Settings
 from dsproxy.errors import BadInput, ConfigError
 from dsproxy.wire.envelope import Address, seal
@@ -40,39 +41,11 @@ from dsproxy.wire.recover import (
     sign_recover,
 )
 
-__all__ = ["add_commands", "load_keypair", "program_from_settings"]
+__all__ = ["LAMPORTS_PER_SOL", "add_commands"]
 
 LAMPORTS_PER_SOL = 1_000_000_000
 DEFAULT_KEYPAIR = Path("~/.config/solana/id.json")
 DEADLINE_IN_S = 30 * 60  # the dApp signs for 30 minutes
-
-
-def load_keypair(path: Path) -> Keypair:
-    """Read a Solana CLI keypair file: a JSON array of 64 byte values."""
-    path = path.expanduser()
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"keypair file {str(path)!r} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"keypair file {str(path)!r} is not readable JSON: {exc}") from None
-    if (
-        not isinstance(values, list)
-        or len(values) != 64
-        or not all(type(v) is int and 0 <= v <= 255 for v in values)
-    ):
-        raise BadInput(f"keypair file {str(path)!r} must hold a JSON list of 64 bytes")
-    try:
-        keypair = Keypair.from_bytes(bytes(values))
-    except ValueError as exc:
-        raise BadInput(f"keypair file {str(path)!r} is not a valid ed25519 keypair") from exc
-    return keypair
-
-
-def program_from_settings(settings: Settings) -> BalancePayment:
-    return BalancePayment(
-        Pubkey.from_string(settings.program_id), settings.program_version, settings.namespace_id
-    )
 
 
 def _lamports(text: str, in_lamports: bool) -> int:
