@@ -12,6 +12,7 @@ is also the store's single writer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,12 @@ import orjson
 from attrs import frozen
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, DomainEventProtocol
-from eventsourcing.persistence import PersistenceError, StoredEvent
+from eventsourcing.persistence import (
+    JSONTranscoder,
+    PersistenceError,
+    StoredEvent,
+    Transcoding,
+)
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 
 from dsproxy.errors import StoreError
@@ -82,10 +88,27 @@ class AppendOutcome:
     duplicates: tuple[str, ...]
 
 
+class BytesAsBase64(Transcoding):
+    """Facts may carry raw bytes (a signed transaction); JSON carries them as base64."""
+
+    type = bytes
+    name = "bytes_b64"
+
+    def encode(self, obj: bytes) -> str:
+        return base64.b64encode(obj).decode()
+
+    def decode(self, data: str) -> bytes:
+        return base64.b64decode(data)
+
+
 class NodeApplication(Application[uuid.UUID]):
     """The eventsourcing application whose recorder holds this node's store."""
 
     name = "dsproxy"
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(BytesAsBase64())
 
 
 class EventStore:
@@ -222,6 +245,11 @@ class AsyncEventStore:
 
     async def record(self, events: Sequence[NostrEvent], *aggregates: Aggregate) -> AppendOutcome:
         result: AppendOutcome = await self._run(lambda: self.sync.record(events, *aggregates))
+        return result
+
+    async def aggregate(self, aggregate_id: uuid.UUID) -> Aggregate:
+        """Load an aggregate (a local fact's lifecycle) by its id."""
+        result: Aggregate = await self._run(self.sync.application.repository.get, aggregate_id)
         return result
 
     async def save(self, *aggregates: Aggregate) -> list[int]:

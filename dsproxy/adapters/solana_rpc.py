@@ -393,6 +393,10 @@ class BalancePaymentRpc:
                 raise RpcError(f"{action}: sendTransaction failed: {_rpc_message(exc)}") from exc
             log.warning("%s: resend of %s failed: %s", action, signed.signature, exc)
 
+    async def send(self, signed: SignedTransaction, *, action: str = "transaction") -> None:
+        """Send once, with preflight; `submit` or `transaction_status` tells what became of it."""
+        await self._send(signed, preflight=True, action=action)
+
     async def submit(self, signed: SignedTransaction, *, action: str = "transaction") -> str:
         """Send, resend the same bytes, and wait for the commitment; return the signature."""
         loop = asyncio.get_running_loop()

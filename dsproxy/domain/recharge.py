@@ -1,0 +1,150 @@
+"""What the controller does with a Request event: pure decisions, no chain, no clock of its own.
+
+`screen` checks everything that can be checked without the chain (envelope, message, reason,
+deadline). The chain-dependent checks are `dsproxy.domain.eligibility.check_eligible`. The
+messages the controller signs afterwards are built here too, so their order and fields are in
+one place: Status{Working} -> Transaction{+tokens} -> Status{Available, UserBehaviour} on
+success, Status{Available, LockFailed} with a reason on failure.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from attrs import frozen
+
+from dsproxy.errors import MalformedMessage
+from dsproxy.wire.envelope import Address
+from dsproxy.wire.event import NostrEvent
+from dsproxy.wire.messages import (
+    DeviceStatus,
+    Reason,
+    RecoverInfo,
+    Request,
+    RequestPayload,
+    Status,
+    StatusPayload,
+    Transaction,
+    parse_message,
+)
+
+__all__ = [
+    "Recharge",
+    "RefusalReason",
+    "Refused",
+    "failure_status",
+    "screen",
+    "success_messages",
+    "tokens_for",
+]
+
+
+class RefusalReason(enum.Enum):
+    """Why a Request is not paid; the value is what the user reads in the LockFailed status."""
+
+    NOT_FOR_THIS_MACHINE = "not_for_this_machine"
+    MALFORMED = "malformed"
+    NOT_A_RECHARGE = "not_a_recharge"
+    ADMIN_ONLY = "admin_only"
+    DEADLINE_PASSED = "deadline_passed"
+    NONCE_ALREADY_USED = "nonce_already_used"
+    NOT_REGISTERED = "not_registered"
+    NONCE_MISMATCH = "nonce_mismatch"
+    SIGNATURE_INVALID = "signature_invalid"
+    INSUFFICIENT_FREE_BALANCE = "insufficient_free_balance"
+    VAULT_BELOW_RENT = "vault_below_rent"
+    PAYMENT_FAILED = "payment_failed"
+
+
+@frozen
+class Recharge:
+    """A Request worth checking against the chain."""
+
+    request_id: str
+    requester: str
+    reason: Reason
+    payload: RequestPayload
+    recover: RecoverInfo
+
+    @property
+    def user(self) -> str:
+        return self.payload.user
+
+    @property
+    def nonce(self) -> int:
+        return self.payload.nonce
+
+
+@frozen
+class Refused:
+    """A Request that will not be paid, and the words that tell the user why."""
+
+    request_id: str
+    reason: RefusalReason
+    detail: str
+    user: str | None = None
+
+
+def screen(
+    event: NostrEvent,
+    address: Address,
+    *,
+    admin: str | None,
+    now: int,
+    deadline_margin_s: int,
+) -> Recharge | Refused | None:
+    """Decide on a Request event without the chain; None means it is not a Request at all."""
+    if not address.matches(event):
+        return Refused(event.id, RefusalReason.NOT_FOR_THIS_MACHINE, "wrong kind, session or p tag")
+    try:
+        message = parse_message(event.content)
+    except MalformedMessage as exc:
+        if '"Request"' not in event.content[:16]:
+            return None
+        return Refused(event.id, RefusalReason.MALFORMED, str(exc))
+    if not isinstance(message, Request):
+        return None
+    user = message.payload.user
+    if message.to_status is not DeviceStatus.WORKING:
+        return Refused(event.id, RefusalReason.NOT_A_RECHARGE, "a recharge asks for Working", user)
+    if message.reason is not Reason.USER_REQUEST and event.pubkey != admin:
+        return Refused(
+            event.id,
+            RefusalReason.ADMIN_ONLY,
+            f"reason {message.reason.value} is reserved for the admin key",
+            user,
+        )
+    recover = message.payload.recover
+    if now + deadline_margin_s > recover.deadline:
+        return Refused(
+            event.id,
+            RefusalReason.DEADLINE_PASSED,
+            f"the signature's deadline {recover.deadline} has passed (now {now})",
+            user,
+        )
+    return Recharge(event.id, event.pubkey, message.reason, message.payload, recover)
+
+
+def tokens_for(amount_lamports: int, tokens_per_lamport: int) -> int:
+    """Tokens a payment buys."""
+    return amount_lamports * tokens_per_lamport
+
+
+def success_messages(recharge: Recharge, tokens: int) -> tuple[Status, Transaction, Status]:
+    """The three messages of a paid recharge, in the order the dApp expects them."""
+    payload = StatusPayload.answering(recharge.payload).to_json()
+    return (
+        Status(DeviceStatus.WORKING, recharge.reason, recharge.request_id, payload),
+        Transaction(recharge.user, tokens),
+        Status(DeviceStatus.AVAILABLE, Reason.USER_BEHAVIOUR, recharge.request_id, payload),
+    )
+
+
+def failure_status(refused: Refused) -> Status:
+    """The LockFailed status that tells the user why nothing was paid."""
+    return Status(
+        DeviceStatus.AVAILABLE,
+        Reason.LOCK_FAILED,
+        refused.request_id,
+        f"{refused.reason.value}: {refused.detail}",
+    )

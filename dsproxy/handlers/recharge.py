@@ -1,0 +1,313 @@
+"""The controller's command handler: a recharge Request becomes one payment and one credit.
+
+Read the view, decide (dsproxy.domain), record the fact, then take the external step. Every
+fact is in the store before the step it enables, so after a crash `resume` finishes a payment
+from where its facts say it stopped: a signed transaction is reconciled by its signature and
+resent as the same bytes, never rebuilt while it could still land. The events to publish are
+recorded in the same transaction as the fact that explains them; the outbox publishes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+
+from attrs import define, field
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+
+from dsproxy.adapters.event_store import AsyncEventStore
+from dsproxy.adapters.recharges_projection import RechargesProjection, RequestRow
+from dsproxy.adapters.solana_rpc import (
+    BalancePaymentRpc,
+    SignedTransaction,
+    TransactionState,
+)
+from dsproxy.domain.eligibility import Ineligible, check_eligible
+from dsproxy.domain.payment import Answered, Payment, PaymentState, payment_id
+from dsproxy.domain.recharge import (
+    Recharge,
+    RefusalReason,
+    Refused,
+    failure_status,
+    screen,
+    success_messages,
+    tokens_for,
+)
+from dsproxy.errors import (
+    ConfirmationTimeout,
+    PaymentError,
+    RpcError,
+    StoreError,
+    TransactionExpired,
+)
+from dsproxy.services.projector import Projector
+from dsproxy.wire.envelope import Address, seal
+from dsproxy.wire.event import load_stored_event
+from dsproxy.wire.messages import Request, parse_message
+from dsproxy.wire.recover import SIGN_MESSAGE_PREFIX_V1
+
+__all__ = ["CRASH_POINTS", "RechargeHandler"]
+
+log = logging.getLogger(__name__)
+
+# Where a test may have the process killed (DSPROXY_CRASH_AT), one per step boundary.
+CRASH_POINTS = frozenset({"accepted", "submitted", "confirmed"})
+
+
+@define
+class RechargeHandler:
+    """Pays recharge Requests for one machine; one instance per controller process."""
+
+    store: AsyncEventStore
+    projector: Projector
+    rpc: BalancePaymentRpc
+    bot: Keypair
+    treasury: Pubkey
+    signer_secret: str
+    address: Address
+    amount_lamports: int
+    tokens_per_lamport: int
+    admin: str | None = None
+    payer: Keypair | None = None
+    sign_prefix: bytes = SIGN_MESSAGE_PREFIX_V1
+    deadline_margin_s: int = 5
+    stale_after_s: int = 3600
+    crash_at: frozenset[str] = frozenset()
+    clock: Callable[[], float] = time.time
+    _user_locks: dict[str, asyncio.Lock] = field(factory=dict, init=False)
+
+    # --- entry points -----------------------------------------------------------------------
+
+    async def handle_request(self, row: RequestRow) -> None:
+        """Answer one new Request: refuse it with a reason, or pay and credit it."""
+        (record,) = await self.store.read(row.position - 1, 1)
+        event = load_stored_event(record.state)
+        now = int(self.clock())
+        decision = screen(
+            event,
+            self.address,
+            admin=self.admin,
+            now=now,
+            deadline_margin_s=self.deadline_margin_s,
+        )
+        if decision is None:
+            decision = Refused(event.id, RefusalReason.MALFORMED, "not a Request")
+        if isinstance(decision, Refused):
+            await self._refuse(decision, stale=now - event.created_at > self.stale_after_s)
+            return
+        async with self._lock(decision.user):
+            await self._accept(decision, event.content)
+
+    async def resume(self, payment_uuid: str) -> None:
+        """Finish a payment a crash or an outage left unfinished."""
+        payment = await self._load(payment_uuid)
+        async with self._lock(payment.user):
+            await self._drive(payment)
+
+    # --- deciding ---------------------------------------------------------------------------
+
+    async def _accept(self, recharge: Recharge, request_content: str) -> None:
+        known = await RechargesProjection.payment(
+            self.projector.db, str(payment_id(recharge.user, recharge.nonce))
+        )
+        if known is not None:
+            await self._refuse(
+                Refused(
+                    recharge.request_id,
+                    RefusalReason.NONCE_ALREADY_USED,
+                    f"nonce {recharge.nonce} was already used by request {known.request_id}",
+                    recharge.user,
+                )
+            )
+            return
+        onchain = await self.rpc.fetch_onchain_user(Pubkey.from_string(recharge.user))
+        verdict = check_eligible(
+            recharge.recover,
+            user=recharge.user,
+            request_nonce=recharge.nonce,
+            onchain=onchain,
+            amount=self.amount_lamports,
+            now=int(self.clock()),
+            deadline_margin_s=self.deadline_margin_s,
+            namespace_id=recharge.payload.namespace_id,
+            prefix=self.sign_prefix,
+        )
+        if isinstance(verdict, Ineligible):
+            reason = RefusalReason(verdict.reason.value)
+            await self._refuse(Refused(recharge.request_id, reason, verdict.detail, recharge.user))
+            return
+        payment = Payment(
+            user=recharge.user,
+            nonce=recharge.nonce,
+            request_id=recharge.request_id,
+            request_content=request_content,
+            amount_lamports=self.amount_lamports,
+            tokens=tokens_for(self.amount_lamports, self.tokens_per_lamport),
+        )
+        await self._record([], payment)
+        self._crash_point("accepted")
+        await self._drive(payment)
+
+    async def _refuse(self, refused: Refused, *, stale: bool = False) -> None:
+        """Record the answer; tell the user (LockFailed) unless the Request is long stale."""
+        events = [] if stale else [seal(failure_status(refused), self.address, self.signer_secret)]
+        answer = Answered(
+            request_id=refused.request_id,
+            reason=refused.reason.value,
+            detail=refused.detail,
+            status_event_id=events[0].id if events else "",
+        )
+        log.info("refused request %s: %s: %s", refused.request_id, refused.reason.value,
+                 refused.detail)  # fmt: skip
+        try:
+            await self._record(events, answer)
+        except StoreError:
+            if await self._answered(refused.request_id):
+                return  # answered already (a concurrent delivery): nothing more to say
+            raise
+
+    # --- paying -----------------------------------------------------------------------------
+
+    async def _drive(self, payment: Payment) -> None:
+        """Move a payment through its states until it is credited or has failed."""
+        while payment.state in PaymentState.UNFINISHED:
+            needs_signing = payment.state in (PaymentState.ACCEPTED, PaymentState.EXPIRED)
+            if needs_signing and not await self._sign_and_send(payment):
+                return
+            outcome = await self._confirm(payment)
+            if outcome is None:
+                continue  # expired unprocessed: sign again
+            if isinstance(outcome, PaymentError):
+                await self._fail(payment, RefusalReason.PAYMENT_FAILED, str(outcome))
+                return
+            self._crash_point("confirmed")
+            await self._credit(payment)
+
+    async def _sign_and_send(self, payment: Payment) -> bool:
+        """Build and sign one transaction, record its signature, then send it."""
+        recharge = self._recharge_of(payment)
+        if payment.state == PaymentState.EXPIRED:  # the chain may have moved on meanwhile
+            onchain = await self.rpc.fetch_onchain_user(Pubkey.from_string(payment.user))
+            verdict = check_eligible(
+                recharge.recover,
+                user=payment.user,
+                request_nonce=payment.nonce,
+                onchain=onchain,
+                amount=payment.amount_lamports,
+                now=int(self.clock()),
+                deadline_margin_s=self.deadline_margin_s,
+                namespace_id=recharge.payload.namespace_id,
+                prefix=self.sign_prefix,
+            )
+            if isinstance(verdict, Ineligible):
+                await self._fail(payment, RefusalReason(verdict.reason.value), verdict.detail)
+                return False
+        instruction = self.rpc.program.pay(
+            user=Pubkey.from_string(payment.user),
+            recover_info=recharge.recover,
+            amount=payment.amount_lamports,
+            bot=self.bot.pubkey(),
+            treasury=self.treasury,
+            payer=(self.payer or self.bot).pubkey(),
+        )
+        signed = await self.rpc.sign(
+            [instruction], payer=self.payer or self.bot, signers=[self.bot]
+        )
+        payment.submit(signed.signature, signed.raw, signed.last_valid_block_height)
+        await self._record([], payment)  # the signature is known before the first send
+        await self.rpc.send(signed, action="pay")
+        self._crash_point("submitted")
+        return True
+
+    async def _confirm(self, payment: Payment) -> PaymentError | bool | None:
+        """True when confirmed, the error when it failed on chain, None when it expired."""
+        assert payment.signature and payment.transaction and payment.last_valid_block_height
+        signed = SignedTransaction(
+            payment.transaction, payment.signature, payment.last_valid_block_height
+        )
+        status = await self.rpc.transaction_status(signed.signature)
+        if status.state is TransactionState.SUCCEEDED:
+            return True
+        if status.state is TransactionState.FAILED:
+            assert status.error is not None, status
+            return status.error
+        try:
+            await self.rpc.submit(signed, action="pay")  # the same bytes: never pays twice
+        except TransactionExpired as exc:
+            payment.expire(str(exc))
+            await self._record([], payment)
+            return None
+        except ConfirmationTimeout:
+            raise  # may still land: stay Submitted, the resume loop looks again later
+        except RpcError:
+            raise
+        except PaymentError as exc:
+            return exc
+        return True
+
+    async def _credit(self, payment: Payment) -> None:
+        recharge = self._recharge_of(payment)
+        working, credit, available = success_messages(recharge, payment.tokens)
+        now = int(self.clock())
+        events = [
+            seal(working, self.address, self.signer_secret, created_at=now),
+            seal(credit, self.address, self.signer_secret, created_at=now),
+            seal(available, self.address, self.signer_secret, created_at=now + 1),
+        ]
+        payment.credit([event.id for event in events])
+        await self._record(events, payment)
+        log.info("credited %d tokens to %s for request %s (tx %s)", payment.tokens,
+                 payment.user, payment.request_id, payment.signature)  # fmt: skip
+
+    async def _fail(self, payment: Payment, reason: RefusalReason, detail: str) -> None:
+        refused = Refused(payment.request_id, reason, detail, payment.user)
+        status = seal(failure_status(refused), self.address, self.signer_secret)
+        payment.fail(reason.value, detail, [status.id])
+        await self._record([status], payment)
+        log.warning("payment for request %s failed: %s: %s", payment.request_id, reason.value,
+                    detail)  # fmt: skip
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    async def _record(self, events: list, aggregate: Payment | Answered) -> None:
+        await self.store.record(events, aggregate)
+        await self.projector.catch_up()
+
+    async def _load(self, payment_uuid: str) -> Payment:
+        payment = await self.store.aggregate(uuid.UUID(payment_uuid))
+        assert isinstance(payment, Payment), payment
+        return payment
+
+    async def _answered(self, request_id: str) -> bool:
+        row = await RechargesProjection.request(self.projector.db, request_id)
+        return row is not None and row.state != "new"
+
+    def _recharge_of(self, payment: Payment) -> Recharge:
+        message = parse_message(payment.request_content)
+        assert isinstance(message, Request), payment.request_id  # screened before Accepted
+        return Recharge(
+            payment.request_id,
+            requester="",
+            reason=message.reason,
+            payload=message.payload,
+            recover=message.payload.recover,
+        )
+
+    def _lock(self, user: str) -> asyncio.Lock:
+        """One payment at a time per user: the chain's nonce is one sequence per user."""
+        lock = self._user_locks.get(user)
+        if lock is None:
+            lock = self._user_locks[user] = asyncio.Lock()
+        return lock
+
+    def _crash_point(self, name: str) -> None:
+        """Die here, as a power cut would, when a test asks for it (DSPROXY_CRASH_AT)."""
+        if name in self.crash_at:
+            log.warning("crash point %r reached: killing the process", name)
+            os.kill(os.getpid(), signal.SIGKILL)

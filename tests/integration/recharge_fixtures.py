@@ -1,0 +1,95 @@
+"""A controller's handler wired to a real store, projection and the local chain over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from attrs import frozen
+from solders.keypair import Keypair
+
+from dsproxy.adapters.recharges_projection import RechargesProjection
+from dsproxy.bootstrap import LedgerNode, open_ledger
+from dsproxy.config import Settings
+from dsproxy.handlers.recharge import RechargeHandler
+from dsproxy.wire.envelope import Address, seal
+from dsproxy.wire.event import NostrEvent, public_key_of
+from dsproxy.wire.messages import (
+    ZERO_EVENT_ID,
+    DeviceStatus,
+    Reason,
+    RecoverInfo,
+    Request,
+    RequestPayload,
+)
+from tests.conftest import CONTROLLER_SECRET
+from tests.integration.localchain_fixtures import PAY_LAMPORTS, World, fixed_clock
+
+TOKENS_PER_LAMPORT = 2
+
+
+def dapp_request(
+    address: Address,
+    user: Keypair,
+    info: RecoverInfo,
+    nonce: int,
+    *,
+    reason: Reason = Reason.USER_REQUEST,
+    requester_secret: str | None = None,
+) -> NostrEvent:
+    """A Request built as the dApp builds it, signed by a throw-away Nostr key."""
+    payload = RequestPayload(info.to_json(), nonce=nonce, user=str(user.pubkey()))
+    message = Request(DeviceStatus.WORKING, reason, ZERO_EVENT_ID, payload)
+    secret = requester_secret or Keypair().secret().hex()
+    return seal(message, address, secret, created_at=int(fixed_clock()))
+
+
+@frozen
+class Controller:
+    node: LedgerNode
+    handler: RechargeHandler
+    world: World
+
+    async def deliver(self, *events: NostrEvent) -> None:
+        """What ingest does: append, project, then the controller answers every new Request."""
+        await self.node.store.append_nostr(list(events))
+        await self.node.projector.catch_up()
+        for row in await RechargesProjection.new_requests(self.node.db, 100):
+            await self.handler.handle_request(row)
+
+    async def balance(self, user: Keypair) -> int:
+        row = await self.node.db.account(str(user.pubkey()))
+        return 0 if row is None else row.balance
+
+
+def controller_settings(settings: Settings) -> Settings:
+    return settings.replace(
+        trusted_controllers=(public_key_of(CONTROLLER_SECRET),),
+        pay_amount_lamports=PAY_LAMPORTS,
+        tokens_per_lamport=TOKENS_PER_LAMPORT,
+    )
+
+
+@pytest.fixture(name="controller")
+async def controller_fixture(
+    world: World, node_settings: Settings, address: Address
+) -> AsyncIterator[Controller]:
+    settings = controller_settings(node_settings)
+    node = await open_ledger(settings, extensions=[RechargesProjection(address)])
+    handler = RechargeHandler(
+        store=node.store,
+        projector=node.projector,
+        rpc=world.rpc,
+        bot=world.keys.bot,
+        treasury=world.keys.treasury.pubkey(),
+        signer_secret=CONTROLLER_SECRET,
+        address=address,
+        amount_lamports=PAY_LAMPORTS,
+        tokens_per_lamport=TOKENS_PER_LAMPORT,
+        admin=public_key_of("ad" * 32),
+        clock=fixed_clock,
+    )
+    try:
+        yield Controller(node, handler, world)
+    finally:
+        await node.aclose()

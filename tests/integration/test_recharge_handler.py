@@ -1,0 +1,194 @@
+"""The controller's handler against a real store and the local chain: pay once, credit once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from solders.keypair import Keypair
+
+from dsproxy.adapters.recharges_projection import RechargesProjection
+from dsproxy.wire.envelope import Address
+from dsproxy.wire.event import load_stored_event, public_key_of, sign_event
+from dsproxy.wire.messages import Reason, Status, Transaction, parse_message
+from dsproxy.wire.recover import sign_recover
+from tests.conftest import CONTROLLER_SECRET
+from tests.integration.localchain_fixtures import (
+    CHAIN_NOW,
+    DEPOSIT_LAMPORTS,
+    PAY_LAMPORTS,
+    chain_fixture,  # noqa: F401
+    chain_server_fixture,  # noqa: F401
+    parties_fixture,  # noqa: F401
+    world_fixture,  # noqa: F401
+)
+from tests.integration.recharge_fixtures import (
+    TOKENS_PER_LAMPORT,
+    Controller,
+    controller_fixture,  # noqa: F401
+    dapp_request,
+)
+
+CREDIT = PAY_LAMPORTS * TOKENS_PER_LAMPORT
+CONTROLLER_PUBKEY = public_key_of(CONTROLLER_SECRET)
+
+
+async def controller_messages(controller: Controller) -> list[tuple[str, object]]:
+    """Every event the controller signed, in store order, as (event id, message)."""
+    found = []
+    for record in await controller.node.store.read(0, 1000):
+        if record.is_nostr:
+            event = load_stored_event(record.state)
+            if event.pubkey == CONTROLLER_PUBKEY:
+                found.append((event.id, parse_message(event.content)))
+    return found
+
+
+async def test_a_dapp_request_is_paid_once_and_credited_once(
+    controller: Controller, address: Address
+) -> None:
+    world = controller.world
+    before = world.balances()
+    request = dapp_request(address, world.keys.user, world.authorize(0), 0)
+    await controller.deliver(request)
+    await controller.deliver(request)  # re-delivered: nothing more happens
+
+    after = world.balances()
+    assert after["treasury"] - before["treasury"] == PAY_LAMPORTS
+    assert before["vault"] - after["vault"] == PAY_LAMPORTS
+    assert (await world.onchain()).nonce == 1
+    assert await controller.balance(world.keys.user) == CREDIT
+
+    messages = await controller_messages(controller)
+    kinds = [type(m).__name__ for _, m in messages]
+    assert kinds == ["Status", "Transaction", "Status"]
+    working, credit, available = (m for _, m in messages)
+    assert isinstance(working, Status) and working.status.value == "Working"
+    assert working.initial_request == request.id
+    assert credit == Transaction(str(world.keys.user.pubkey()), CREDIT)
+    assert isinstance(available, Status) and available.reason is Reason.USER_BEHAVIOUR
+    row = await RechargesProjection.request(controller.node.db, request.id)
+    assert row is not None and row.state == "paid"
+    (payment,) = await RechargesProjection.recent_payments(controller.node.db, 10)
+    assert payment.state == "credited" and payment.signature and payment.attempts == 1
+
+
+async def failure_of(controller: Controller, request_id: str) -> str:
+    messages = await controller_messages(controller)
+    (status,) = [m for _, m in messages if isinstance(m, Status)]
+    assert status.reason is Reason.LOCK_FAILED and status.initial_request == request_id
+    assert not any(isinstance(m, Transaction) for _, m in messages)
+    return status.payload
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("expired", "deadline_passed"),
+        ("wrong_nonce", "nonce_mismatch"),
+        ("foreign_signature", "signature_invalid"),
+        ("tampered_payload", "signature_invalid"),
+        ("insufficient_funds", "insufficient_free_balance"),
+        ("admin_reason", "admin_only"),
+    ],
+)
+async def test_bad_requests_get_lock_failed_and_spend_nothing(
+    controller: Controller, address: Address, case: str, expected: str
+) -> None:
+    world = controller.world
+    user = world.keys.user
+    info = world.authorize(0)
+    nonce, reason = 0, Reason.USER_REQUEST
+    if case == "expired":
+        info = world.authorize(0, deadline=CHAIN_NOW - 1)
+    elif case == "wrong_nonce":
+        info, nonce = world.authorize(1), 1
+    elif case == "foreign_signature":
+        info = world.authorize(0, by=Keypair())
+    elif case == "tampered_payload":
+        info = type(info)(info.signature, bytes([1]) + info.payload[1:], info.deadline)
+    elif case == "insufficient_funds":
+        controller.handler.amount_lamports = DEPOSIT_LAMPORTS + 1
+    elif case == "admin_reason":
+        reason = Reason.ADMIN_REQUEST
+    before = world.balances()
+    request = dapp_request(address, user, info, nonce, reason=reason)
+    await controller.deliver(request)
+
+    assert world.balances() == before
+    assert (await world.onchain()).nonce == 0
+    assert await controller.balance(user) == 0
+    assert (await failure_of(controller, request.id)).startswith(expected)
+    row = await RechargesProjection.request(controller.node.db, request.id)
+    assert row is not None and row.state == "refused" and row.detail.startswith(expected)
+
+
+async def test_replayed_signature_in_a_new_request_is_refused(
+    controller: Controller, address: Address
+) -> None:
+    world = controller.world
+    info = world.authorize(0)
+    first = dapp_request(address, world.keys.user, info, 0)
+    await controller.deliver(first)
+    replay = dapp_request(address, world.keys.user, info, 0)  # same signature, new event
+    before = world.balances()
+    await controller.deliver(replay)
+    assert world.balances() == before
+    assert await controller.balance(world.keys.user) == CREDIT
+    row = await RechargesProjection.request(controller.node.db, replay.id)
+    assert row is not None and row.state == "refused"
+    assert row.detail.startswith("nonce_already_used")
+
+
+async def test_malformed_payload_is_refused_with_the_parse_error(
+    controller: Controller, address: Address
+) -> None:
+    content = json.dumps(
+        {
+            "Request": {
+                "to_status": "Working",
+                "reason": "UserRequest",
+                "initial_request": "0" * 64,
+                "payload": '{"nonce": 0}',
+            }
+        }
+    )
+    event = sign_event("42" * 32, 1573, [["s", address.session], ["p", address.machine]],
+                       content, CHAIN_NOW)  # fmt: skip
+    await controller.deliver(event)
+    payload = await failure_of(controller, event.id)
+    assert payload.startswith("malformed: payload: missing field 'recover_info'")
+
+
+async def test_requests_for_another_machine_are_not_answered(
+    controller: Controller, address: Address
+) -> None:
+    world = controller.world
+    elsewhere = Address(address.session, "00" * 32)
+    await controller.deliver(dapp_request(elsewhere, world.keys.user, world.authorize(0), 0))
+    assert await controller_messages(controller) == []
+    assert (await world.onchain()).nonce == 0
+
+
+async def test_ten_users_recharging_at_once_are_all_credited(
+    controller: Controller, address: Address
+) -> None:
+    import asyncio
+
+    world = controller.world
+    users = [Keypair() for _ in range(10)]
+    for user in users:
+        world.chain.airdrop(user.pubkey(), 100_000_000)
+        await world.rpc.register(user)
+        await world.rpc.deposit(user, DEPOSIT_LAMPORTS)
+    requests = [
+        dapp_request(address, user, sign_recover(user, bytes(64), 0, CHAIN_NOW + 600), 0)
+        for user in users
+    ]
+    await controller.node.store.append_nostr(requests)
+    await controller.node.projector.catch_up()
+    rows = await RechargesProjection.new_requests(controller.node.db, 100)
+    await asyncio.gather(*(controller.handler.handle_request(row) for row in rows))
+    for user in users:
+        assert await controller.balance(user) == CREDIT
+    assert world.chain.get_balance(world.keys.treasury.pubkey()) >= 10 * PAY_LAMPORTS
