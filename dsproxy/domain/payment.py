@@ -16,7 +16,11 @@ import uuid
 
 from eventsourcing.domain import Aggregate, event
 
-__all__ = ["Answered", "Payment", "PaymentState", "answer_id", "payment_id"]
+__all__ = ["CRASH_POINTS", "Answered", "Payment", "PaymentState", "answer_id", "payment_id"]
+
+# Where a test may have the controller killed (DSPROXY_CRASH_AT): after the payment is
+# accepted, after its transaction is sent, after it is confirmed (each before the next fact).
+CRASH_POINTS = frozenset({"accepted", "submitted", "confirmed"})
 
 _NAMESPACE = uuid.UUID("0f3c1a6e-2b8d-5e47-9c1d-1573d5b0a9e1")
 

@@ -52,12 +52,9 @@ from dsproxy.wire.event import load_stored_event
 from dsproxy.wire.messages import Request, parse_message
 from dsproxy.wire.recover import SIGN_MESSAGE_PREFIX_V1
 
-__all__ = ["CRASH_POINTS", "RechargeHandler"]
+__all__ = ["RechargeHandler"]
 
 log = logging.getLogger(__name__)
-
-# Where a test may have the process killed (DSPROXY_CRASH_AT), one per step boundary.
-CRASH_POINTS = frozenset({"accepted", "submitted", "confirmed"})
 
 
 @define
