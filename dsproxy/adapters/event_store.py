@@ -188,11 +188,10 @@ class EventStore:
         except PersistenceError as exc:
             raise StoreError(f"could not read the store after {after}: {exc}") from exc
         return [
-            StoredRecord(position, topic, state)
-            if topic == NOSTR_TOPIC
-            else StoredRecord(position, topic, state, self._decode(topic, state, row[3], row[4]))
+            StoredRecord(row[0], row[1], row[2])
+            if row[1] == NOSTR_TOPIC
+            else StoredRecord(row[0], row[1], row[2], self._decode(*row[1:]))
             for row in rows
-            for position, topic, state in (row[:3],)
         ]
 
     def _decode(

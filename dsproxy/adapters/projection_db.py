@@ -97,15 +97,21 @@ class ProjectionDb:
     async def open(
         cls, path: Path, *, bulk: bool = False, schemas: Sequence[str] = ()
     ) -> ProjectionDb:
-        """Open (creating) the file; `bulk` skips secondary indexes until `finish_bulk`.
+        """Open (creating) the file; `schemas` are fact projections' tables (IF NOT EXISTS).
 
-        `schemas` are the extra tables of fact projections (CREATE ... IF NOT EXISTS).
+        `bulk` is for a rebuild into a fresh file that replaces the old one only when complete:
+        no secondary indexes until `finish_bulk`, and no journal or fsync, since a crash
+        discards the file anyway.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             connection = await aiosqlite.connect(path, isolation_level=None)
-            await connection.execute("PRAGMA journal_mode=WAL")
-            await connection.execute("PRAGMA synchronous=NORMAL")
+            if bulk:
+                await connection.execute("PRAGMA journal_mode=OFF")
+                await connection.execute("PRAGMA synchronous=OFF")
+            else:
+                await connection.execute("PRAGMA journal_mode=WAL")
+                await connection.execute("PRAGMA synchronous=NORMAL")
             await connection.executescript(_SCHEMA)
             for schema in schemas:
                 await connection.executescript(schema)
@@ -116,7 +122,9 @@ class ProjectionDb:
         return cls(connection, path)
 
     async def finish_bulk(self) -> None:
+        """Build the indexes and make the file an ordinary durable (WAL) database."""
         await self._db.execute(_INDEXES)
+        await self._db.execute("PRAGMA journal_mode=WAL")
 
     async def close(self) -> None:
         await self._db.close()

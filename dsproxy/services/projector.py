@@ -36,6 +36,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Larger pages in a rebuild: fewer account rows rewritten per event; memory stays bounded.
+REBUILD_PAGE_SIZE = 20_000
+
 
 class FactProjection(Protocol):
     """A projection of local facts (or of Nostr events) into its own tables.
@@ -204,7 +207,12 @@ async def rebuild(
     try:
         await db.set_fingerprint(policy_fingerprint(policy, schemas))
         projector = Projector(
-            store, db, policy, content_bytes_max=content_bytes_max, extensions=extensions
+            store,
+            db,
+            policy,
+            page_size=REBUILD_PAGE_SIZE,
+            content_bytes_max=content_bytes_max,
+            extensions=extensions,
         )
         result = await projector.catch_up(progress)
         await db.finish_bulk()
