@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from attrs import define
 from solders.pubkey import Pubkey
 
 from dsproxy.adapters.balance_payment import BalancePayment
 from dsproxy.adapters.event_store import AsyncEventStore
+from dsproxy.adapters.holds_projection import HoldsProjection
+from dsproxy.adapters.node_keys import load_secret
 from dsproxy.adapters.projection_db import ProjectionDb
+from dsproxy.adapters.recharges_projection import RechargesProjection
 from dsproxy.config import Settings
+from dsproxy.services.outbox import OutboxProjection
 from dsproxy.services.projector import FactProjection, Projector, open_projection
 from dsproxy.wire.envelope import Address
+from dsproxy.wire.event import public_key_of
 from projections import TrustPolicy
 
 __all__ = [
     "LedgerNode",
     "address",
+    "fact_projections",
     "open_ledger",
+    "own_pubkey",
     "program_from_settings",
     "trust_policy",
 ]
@@ -44,6 +49,26 @@ def trust_policy(settings: Settings) -> TrustPolicy:
     )
 
 
+def own_pubkey(settings: Settings) -> str | None:
+    """The node's public key, when it has a key file (a node without one only ingests)."""
+    if settings.nostr_key_file is None:
+        return None
+    return public_key_of(load_secret(settings.nostr_key_file))
+
+
+def fact_projections(settings: Settings) -> list[FactProjection]:
+    """Every fact projection of a data directory, whatever role opens it.
+
+    One list for all entry points: the projection records which schemas it was built with,
+    and a command that opened it with another list would rebuild it from the store.
+    """
+    projections: list[FactProjection] = [RechargesProjection(address(settings))]
+    author = own_pubkey(settings)
+    if author is not None:
+        projections += [HoldsProjection(author), OutboxProjection(author)]
+    return projections
+
+
 @define
 class LedgerNode:
     """The store, the projection and the projector that keeps one in step with the other."""
@@ -58,9 +83,10 @@ class LedgerNode:
         await self.store.close()
 
 
-async def open_ledger(settings: Settings, extensions: Sequence[FactProjection] = ()) -> LedgerNode:
-    """Open the event store and the projection (with any fact projections) under the policy."""
+async def open_ledger(settings: Settings) -> LedgerNode:
+    """Open the event store and the projection (with every fact projection) under the policy."""
     policy = trust_policy(settings)
+    extensions = fact_projections(settings)
     store = AsyncEventStore.open(settings.events_path)
     db = await open_projection(
         store, settings.projection_path, policy, settings.content_bytes_max, extensions

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 from attrs import frozen
 
+from dsproxy.domain.payment import CRASH_POINTS
 from dsproxy.errors import ConfigError, MalformedMessage
 from dsproxy.wire.envelope import DEFAULT_SESSION
 from dsproxy.wire.messages import validate_user
@@ -95,6 +96,14 @@ def _program_version(raw: Any, key: str) -> int:
     return value
 
 
+def _crash_points(raw: Any, key: str) -> frozenset[str]:
+    names = frozenset(_text_list(raw, key))
+    unknown = sorted(names - CRASH_POINTS)
+    if unknown:
+        raise ConfigError(f"{key} has {unknown[0]!r}: crash points are {sorted(CRASH_POINTS)}")
+    return names
+
+
 # name -> (parser, default). The env variable is DSPROXY_<NAME>; the TOML key is <name>.
 _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "data_dir": (_path, "./data"),
@@ -114,7 +123,37 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "payer_keypair_file": (_optional_path, ""),
     "pay_amount_lamports": (_int_at_least(1), 5_000_000),
     "tokens_per_lamport": (_int_at_least(1), 1),
+    "deadline_margin_s": (_int_at_least(0), 5),
+    "request_stale_s": (_int_at_least(0), 3_600),
+    "controller_concurrency_max": (_int_at_least(1), 16),
+    "crash_at": (_crash_points, ""),
+    "upstream_url": (_text, "https://api.deepseek.com"),
+    "upstream_api_key": (lambda raw, key: str(raw).strip(), ""),
+    "upstream_api_key_file": (_optional_path, ""),
+    "upstream_timeout_s": (_int_at_least(1), 600),
+    "upstream_connections_max": (_int_at_least(1), 256),
+    "http_host": (_text, "127.0.0.1"),
+    "http_port": (_int_at_least(0), 8080),
+    "public_url": (lambda raw, key: str(raw).strip().rstrip("/"), ""),
+    "models": (_text_list, "deepseek-chat,deepseek-reasoner"),
+    "prices": (_text_list, ""),
+    "context_windows": (_text_list, ""),
+    "context_window_tokens": (_int_at_least(16), 65_536),
+    "completion_tokens_max": (_int_at_least(1), 8_192),
+    "requests_per_minute_max": (_int_at_least(1), 60),
+    "concurrent_requests_max": (_int_at_least(1), 4),
+    "challenge_ttl_s": (_int_at_least(1), 300),
+    "session_ttl_s": (_int_at_least(60), 604_800),
+    "request_bytes_max": (_int_at_least(1024), 1_048_576),
+    "conversation_messages_max": (_int_at_least(1), 200),
     "content_bytes_max": (_int_at_least(256), 65_536),
+    "history_overlap_s": (_int_at_least(0), 300),
+    "ingest_queue_len_max": (_int_at_least(1), 10_000),
+    "ingest_batch_events_max": (_int_at_least(1), 2_000),
+    "relay_timeout_s": (_int_at_least(1), 10),
+    "relay_retry_ms_min": (_int_at_least(1), 200),
+    "relay_retry_ms_max": (_int_at_least(1), 30_000),
+    "publish_rejections_max": (_int_at_least(1), 20),
     "events_per_page_max": (_int_at_least(1), 500),
 }
 
@@ -140,7 +179,37 @@ class Settings:
     payer_keypair_file: Path | None
     pay_amount_lamports: int
     tokens_per_lamport: int
+    deadline_margin_s: int
+    request_stale_s: int
+    controller_concurrency_max: int
+    crash_at: frozenset[str]
+    upstream_url: str
+    upstream_api_key: str = attrs.field(repr=False)  # a secret: never in logs
+    upstream_api_key_file: Path | None
+    upstream_timeout_s: int
+    upstream_connections_max: int
+    http_host: str
+    http_port: int
+    public_url: str
+    models: tuple[str, ...]
+    prices: tuple[str, ...]
+    context_windows: tuple[str, ...]
+    context_window_tokens: int
+    completion_tokens_max: int
+    requests_per_minute_max: int
+    concurrent_requests_max: int
+    challenge_ttl_s: int
+    session_ttl_s: int
+    request_bytes_max: int
+    conversation_messages_max: int
     content_bytes_max: int
+    history_overlap_s: int
+    ingest_queue_len_max: int
+    ingest_batch_events_max: int
+    relay_timeout_s: int
+    relay_retry_ms_min: int
+    relay_retry_ms_max: int
+    publish_rejections_max: int
     events_per_page_max: int
 
     @property

@@ -259,6 +259,10 @@ class AsyncEventStore:
         result: list[StoredRecord] = await self._run(self.sync.read, after, limit)
         return result
 
+    async def contains(self, event_id: str) -> bool:
+        result: bool = await self._run(self.sync.contains, event_id)
+        return result
+
     async def max_position(self) -> int:
         result: int = await self._run(self.sync.max_position)
         return result

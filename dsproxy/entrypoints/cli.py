@@ -13,12 +13,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsproxy.config import load_settings
-from dsproxy.entrypoints import ledger_commands, localchain_commands, wallet_commands
+from dsproxy.entrypoints import (
+    controller_commands,
+    demo_commands,
+    ledger_commands,
+    localchain_commands,
+    node_commands,
+    serve,
+    wallet_commands,
+)
 from dsproxy.errors import DsproxyError
 
 __all__ = ["main"]
 
-_COMMAND_MODULES = (ledger_commands, wallet_commands, localchain_commands)
+_COMMAND_MODULES = (
+    ledger_commands,
+    wallet_commands,
+    localchain_commands,
+    serve,
+    controller_commands,
+    node_commands,
+    demo_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

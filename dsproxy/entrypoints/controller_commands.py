@@ -47,7 +47,7 @@ def run_controller(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _status(settings: Settings, limit: int, as_json: bool) -> int:
-    node = await open_ledger(settings, [RechargesProjection(address(settings))])
+    node = await open_ledger(settings)
     try:
         await node.projector.catch_up()
         payments = await RechargesProjection.recent_payments(node.db, limit)
@@ -77,7 +77,7 @@ async def _serve(settings: Settings) -> int:
         log.warning("this controller's key is not in DSPROXY_TRUSTED_CONTROLLERS: "
                     "its own projection will not count its credits")  # fmt: skip
     where = address(settings)
-    node = await Node.open(settings, [RechargesProjection(where)])
+    node = await Node.open(settings)
     try:
         async with BalancePaymentRpc.connect(
             settings.solana_rpc_url,

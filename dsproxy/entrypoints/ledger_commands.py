@@ -16,10 +16,12 @@ from typing import Any
 from tqdm import tqdm
 
 from dsproxy.adapters.event_store import AsyncEventStore
-from dsproxy.bootstrap import address, open_ledger, trust_policy
+from dsproxy.bootstrap import address, fact_projections, open_ledger, trust_policy
 from dsproxy.config import Settings
 from dsproxy.errors import BadInput
 from dsproxy.services.importer import import_jsonl
+from dsproxy.services.ingest import fetch_into_store
+from dsproxy.services.node import ingest_limits
 from dsproxy.services.projector import rebuild
 from dsproxy.wire.messages import validate_user
 
@@ -43,6 +45,12 @@ def add_commands(subparsers: Any) -> None:
     parser.set_defaults(run=run_export)
 
     parser = subparsers.add_parser("replay", help="rebuild the projection from the event store")
+    parser.add_argument(
+        "--from-relay", metavar="URL", help="first fetch the session's whole history from a relay"
+    )
+    parser.add_argument(
+        "--since", type=int, default=0, metavar="T", help="with --from-relay: from created_at T"
+    )
     parser.set_defaults(run=run_replay)
 
     parser = subparsers.add_parser("balance", help="a user's balance and the events that moved it")
@@ -113,15 +121,29 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
     # cyclic collector saves about a tenth of the run.
     gc.disable()
     try:
-        return asyncio.run(_replay(settings))
+        return asyncio.run(_replay(settings, args.from_relay, args.since))
     finally:
         gc.enable()
 
 
-async def _replay(settings: Settings) -> int:
+async def _replay(settings: Settings, from_relay: str | None = None, since: int = 0) -> int:
     policy = trust_policy(settings)
     store = AsyncEventStore.open(settings.events_path)
     try:
+        if from_relay is not None:
+            with _progress_bar(None, "events", "fetch") as bar:
+                fetched = await fetch_into_store(
+                    from_relay,
+                    store,
+                    address(settings),
+                    since=since,
+                    limits=ingest_limits(settings),
+                    progress=bar.update,
+                )
+            print(
+                f"fetched {fetched.received} events from {from_relay}: {fetched.appended} new, "
+                f"{fetched.duplicates} duplicate, refused {dict(fetched.refused)}"
+            )
         total = await store.max_position()
         started = time.perf_counter()
         with _progress_bar(total, "events", "replay") as bar:
@@ -131,6 +153,7 @@ async def _replay(settings: Settings) -> int:
                 policy,
                 progress=bar.update,
                 content_bytes_max=settings.content_bytes_max,
+                extensions=fact_projections(settings),
             )
         elapsed_s = time.perf_counter() - started
     finally:

@@ -101,10 +101,10 @@ class RechargeHandler:
         async with self._lock(decision.user):
             await self._accept(decision, event.content)
 
-    async def resume(self, payment_uuid: str) -> None:
+    async def resume(self, payment_uuid: str, user: str) -> None:
         """Finish a payment a crash or an outage left unfinished."""
-        payment = await self._load(payment_uuid)
-        async with self._lock(payment.user):
+        async with self._lock(user):  # load under the lock: a live handler may be driving it
+            payment = await self._load(payment_uuid)
             await self._drive(payment)
 
     # --- deciding ---------------------------------------------------------------------------
@@ -160,8 +160,7 @@ class RechargeHandler:
             detail=refused.detail,
             status_event_id=events[0].id if events else "",
         )
-        log.info("refused request %s: %s: %s", refused.request_id, refused.reason.value,
-                 refused.detail)  # fmt: skip
+        log.info("refused request %s: %s", refused.request_id, refused.detail)
         try:
             await self._record(events, answer)
         except StoreError:
@@ -252,23 +251,31 @@ class RechargeHandler:
         recharge = self._recharge_of(payment)
         working, credit, available = success_messages(recharge, payment.tokens)
         now = int(self.clock())
+        # An event id covers content, tags and created_at only: two equal credits to one user
+        # in one second would be one event, and one payment would go uncredited. Under the
+        # user's lock, move to the next free second.
+        credit_event = seal(credit, self.address, self.signer_secret, created_at=now)
+        while await self.store.contains(credit_event.id):
+            credit_event = seal(
+                credit, self.address, self.signer_secret, created_at=credit_event.created_at + 1
+            )
         events = [
             seal(working, self.address, self.signer_secret, created_at=now),
-            seal(credit, self.address, self.signer_secret, created_at=now),
-            seal(available, self.address, self.signer_secret, created_at=now + 1),
+            credit_event,
+            seal(
+                available, self.address, self.signer_secret, created_at=credit_event.created_at + 1
+            ),
         ]
         payment.credit([event.id for event in events])
         await self._record(events, payment)
-        log.info("credited %d tokens to %s for request %s (tx %s)", payment.tokens,
-                 payment.user, payment.request_id, payment.signature)  # fmt: skip
+        log.info("credited %d tokens for request %s", payment.tokens, payment.request_id)
 
     async def _fail(self, payment: Payment, reason: RefusalReason, detail: str) -> None:
         refused = Refused(payment.request_id, reason, detail, payment.user)
         status = seal(failure_status(refused), self.address, self.signer_secret)
         payment.fail(reason.value, detail, [status.id])
         await self._record([status], payment)
-        log.warning("payment for request %s failed: %s: %s", payment.request_id, reason.value,
-                    detail)  # fmt: skip
+        log.warning("payment for request %s failed: %s", payment.request_id, detail)
 
     # --- plumbing ---------------------------------------------------------------------------
 

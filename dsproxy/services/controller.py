@@ -59,8 +59,10 @@ class ControllerLoop:
         """Start work for what is due now; returns how many tasks were started."""
         started = 0
         for payment in await RechargesProjection.unfinished_payments(self.db):
-            started += self._start(f"payment {payment.payment_id}",
-                                   lambda p=payment.payment_id: self.handler.resume(p))  # fmt: skip
+            started += self._start(
+                f"payment {payment.payment_id}",
+                lambda p=payment: self.handler.resume(p.payment_id, p.user),
+            )
         for row in await RechargesProjection.new_requests(self.db, self._queue_len_max):
             started += self._start(f"request {row.request_id}",
                                    lambda r=row: self.handler.handle_request(r))  # fmt: skip
@@ -92,7 +94,9 @@ class ControllerLoop:
             self._inflight.pop(key, None)
 
     async def _wait_for_news(self) -> None:
-        applied = self.handler.projector.applied
-        async with applied:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(applied.wait(), timeout=self.poll_s)
+        fired = self.handler.projector.applied.next()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # races its timeout, and this loop would never stop
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.poll_s):
+                await fired.wait()

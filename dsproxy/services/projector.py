@@ -26,6 +26,7 @@ from projections import Account, Entry, Ignored, Ledger, TrustPolicy, fold
 
 __all__ = [
     "Batch",
+    "Broadcast",
     "CatchUp",
     "FactProjection",
     "Projector",
@@ -38,6 +39,24 @@ log = logging.getLogger(__name__)
 
 # Larger pages in a rebuild: fewer account rows rewritten per event; memory stays bounded.
 REBUILD_PAGE_SIZE = 20_000
+
+
+class Broadcast:
+    """Wakes every waiter at once, and a cancelled waiter leaves nothing behind.
+
+    Take `next()` before checking a condition, then wait on what it returned: a `fire()`
+    between the check and the wait has already set it, so no wake-up is lost.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def next(self) -> asyncio.Event:
+        return self._event
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
 
 
 class FactProjection(Protocol):
@@ -115,7 +134,7 @@ class Projector:
         self.extensions = tuple(extensions)
         self.page_size = page_size
         self.content_bytes_max = content_bytes_max
-        self.applied = asyncio.Condition()
+        self.applied = Broadcast()  # fired after every catch-up
         self._one_at_a_time = asyncio.Lock()
         # Committed totals of recently folded users, so a batch rarely reads them back.
         self._accounts: OrderedDict[str, Account] = OrderedDict()
@@ -176,8 +195,7 @@ class Projector:
                 position = page[-1].position
                 if progress is not None:
                     progress(len(page))
-        async with self.applied:
-            self.applied.notify_all()
+        self.applied.fire()
         return CatchUp(total, position)
 
     async def run(self, wake: asyncio.Event, idle_s: float = 1.0) -> None:
@@ -185,7 +203,8 @@ class Projector:
         while True:
             await self.catch_up()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=idle_s)
+                async with asyncio.timeout(idle_s):  # not wait_for: see ControllerLoop
+                    await wake.wait()
             wake.clear()
 
 

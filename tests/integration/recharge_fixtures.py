@@ -36,12 +36,14 @@ def dapp_request(
     *,
     reason: Reason = Reason.USER_REQUEST,
     requester_secret: str | None = None,
+    created_at: int | None = None,
 ) -> NostrEvent:
     """A Request built as the dApp builds it, signed by a throw-away Nostr key."""
     payload = RequestPayload(info.to_json(), nonce=nonce, user=str(user.pubkey()))
     message = Request(DeviceStatus.WORKING, reason, ZERO_EVENT_ID, payload)
     secret = requester_secret or Keypair().secret().hex()
-    return seal(message, address, secret, created_at=int(fixed_clock()))
+    when = int(fixed_clock()) if created_at is None else created_at
+    return seal(message, address, secret, created_at=when)
 
 
 @frozen
@@ -75,7 +77,7 @@ async def controller_fixture(
     world: World, node_settings: Settings, address: Address
 ) -> AsyncIterator[Controller]:
     settings = controller_settings(node_settings)
-    node = await open_ledger(settings, extensions=[RechargesProjection(address)])
+    node = await open_ledger(settings)
     handler = RechargeHandler(
         store=node.store,
         projector=node.projector,

@@ -1,0 +1,247 @@
+"""The backend's own tables (aiosqlite, `backend.sqlite` in the data dir): login challenges,
+sessions, API keys, and the dApp's conversations. Balances are not here: they are the ledger's.
+
+Secrets are stored only as sha256 hashes. A challenge is deleted by the statement that reads it,
+so two logins racing with one signature cannot both get it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from attrs import frozen
+
+from dsproxy.domain.accounts import Challenge
+from dsproxy.errors import StoreError
+
+__all__ = ["AccountsDb", "ApiKeyRow", "ConversationRow", "MessageRow", "UserRow"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    user TEXT PRIMARY KEY, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS challenges (
+    nonce TEXT PRIMARY KEY, server TEXT NOT NULL, user TEXT NOT NULL,
+    issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    created_at INTEGER NOT NULL, revoked_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS api_keys_by_user ON api_keys (user);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, title TEXT NOT NULL, model TEXT NOT NULL,
+    created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS conversations_by_user ON conversations (user, updated_at);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL, role TEXT NOT NULL,
+    content TEXT NOT NULL, tokens_charged INTEGER NOT NULL, created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
+"""
+CHALLENGES_MAX = 100_000  # outstanding; expired ones are pruned when new ones are issued
+
+
+@frozen
+class UserRow:
+    user: str
+    created_at: int
+    updated_at: int
+
+
+@frozen
+class ApiKeyRow:
+    id: str
+    name: str
+    created_at: int
+    revoked_at: int | None
+
+
+@frozen
+class ConversationRow:
+    id: str
+    user: str
+    title: str
+    model: str
+    created_at: int
+    updated_at: int
+
+
+@frozen
+class MessageRow:
+    id: int
+    conversation_id: str
+    role: str
+    content: str
+    tokens_charged: int
+    created_at: int
+
+
+class AccountsDb:
+    """One connection, autocommit; every write is a single statement or an explicit transaction."""
+
+    def __init__(self, connection: aiosqlite.Connection) -> None:
+        self._db = connection
+
+    @classmethod
+    async def open(cls, path: Path) -> AccountsDb:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = await aiosqlite.connect(path, isolation_level=None)
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute("PRAGMA synchronous=NORMAL")
+            await connection.executescript(_SCHEMA)
+        except (aiosqlite.Error, OSError) as exc:
+            raise StoreError(f"cannot open {str(path)!r}: {exc}") from exc
+        return cls(connection)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        try:
+            cursor = await self._db.execute(sql, params)
+        except aiosqlite.Error as exc:
+            raise StoreError(f"accounts database: {exc}") from exc
+        return cursor.rowcount
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            async with self._db.execute(sql, params) as cursor:
+                return [tuple(row) async for row in cursor]
+        except aiosqlite.Error as exc:
+            raise StoreError(f"accounts database: {exc}") from exc
+
+    # --- login ---------------------------------------------------------------------------------
+
+    async def add_challenge(self, challenge: Challenge, now: int) -> None:
+        await self._write("DELETE FROM challenges WHERE expires_at < ?", (now,))
+        count = (await self._rows("SELECT COUNT(*) FROM challenges"))[0][0]
+        if count >= CHALLENGES_MAX:
+            raise StoreError("too many outstanding login challenges; try again shortly")
+        await self._write(
+            "INSERT INTO challenges VALUES (?, ?, ?, ?, ?)",
+            (
+                challenge.nonce,
+                challenge.server,
+                challenge.user,
+                challenge.issued_at,
+                challenge.expires_at,
+            ),
+        )
+
+    async def take_challenge(self, nonce: str) -> Challenge | None:
+        """Remove and return a challenge: single use, whatever the login's outcome."""
+        rows = await self._rows(
+            "DELETE FROM challenges WHERE nonce = ? "
+            "RETURNING server, user, nonce, issued_at, expires_at",
+            (nonce,),
+        )
+        return Challenge(*rows[0]) if rows else None
+
+    async def add_session(self, token_hash: str, user: str, expires_at: int, now: int) -> None:
+        await self._write("DELETE FROM sessions WHERE expires_at < ?", (now,))
+        await self._write("INSERT INTO sessions VALUES (?, ?, ?)", (token_hash, user, expires_at))
+        await self._write(
+            "INSERT INTO users VALUES (?, ?, ?) ON CONFLICT (user) DO UPDATE SET updated_at = ?",
+            (user, now, now, now),
+        )
+
+    async def user_for(self, secret_hash: str, now: int) -> str | None:
+        """The user a bearer secret (hashed) belongs to: a live session or an unrevoked key."""
+        rows = await self._rows(
+            "SELECT user FROM sessions WHERE token_hash = ? AND expires_at >= ? "
+            "UNION ALL SELECT user FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            (secret_hash, now, secret_hash),
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def user(self, user: str) -> UserRow | None:
+        rows = await self._rows(
+            "SELECT user, created_at, updated_at FROM users WHERE user = ?", (user,)
+        )
+        return UserRow(*rows[0]) if rows else None
+
+    # --- API keys --------------------------------------------------------------------------------
+
+    async def add_api_key(self, user: str, key_hash: str, name: str, now: int) -> ApiKeyRow:
+        key_id = "key_" + uuid.uuid4().hex[:16]
+        await self._write(
+            "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)", (key_id, user, key_hash, name, now)
+        )
+        return ApiKeyRow(key_id, name, now, None)
+
+    async def api_keys(self, user: str) -> list[ApiKeyRow]:
+        rows = await self._rows(
+            "SELECT id, name, created_at, revoked_at FROM api_keys WHERE user = ? "
+            "ORDER BY created_at, id",
+            (user,),
+        )
+        return [ApiKeyRow(*row) for row in rows]
+
+    async def revoke_api_key(self, user: str, key_id: str, now: int) -> bool:
+        """Revoke one of this user's keys; False if it is not theirs or already revoked."""
+        changed = await self._write(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND user = ? AND revoked_at IS NULL",
+            (now, key_id, user),
+        )
+        return changed == 1
+
+    # --- conversations ---------------------------------------------------------------------------
+
+    async def add_conversation(
+        self, user: str, title: str, model: str, now: int
+    ) -> ConversationRow:
+        row = ConversationRow(str(uuid.uuid4()), user, title, model, now, now)
+        await self._write(
+            "INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
+            (row.id, row.user, row.title, row.model, row.created_at, row.updated_at),
+        )
+        return row
+
+    async def conversations(self, user: str, limit: int) -> list[ConversationRow]:
+        rows = await self._rows(
+            "SELECT id, user, title, model, created_at, updated_at FROM conversations "
+            "WHERE user = ? ORDER BY updated_at DESC, id LIMIT ?",
+            (user, limit),
+        )
+        return [ConversationRow(*row) for row in rows]
+
+    async def conversation(self, user: str, conversation_id: str) -> ConversationRow | None:
+        """The conversation only if this user owns it: another user's looks like no conversation."""
+        rows = await self._rows(
+            "SELECT id, user, title, model, created_at, updated_at FROM conversations "
+            "WHERE id = ? AND user = ?",
+            (conversation_id, user),
+        )
+        return ConversationRow(*rows[0]) if rows else None
+
+    async def add_message(
+        self, conversation_id: str, role: str, content: str, tokens_charged: int, now: int
+    ) -> MessageRow:
+        rows = await self._rows(
+            "INSERT INTO messages (conversation_id, role, content, tokens_charged, created_at) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (conversation_id, role, content, tokens_charged, now),
+        )
+        await self._write(
+            "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+        )
+        return MessageRow(int(rows[0][0]), conversation_id, role, content, tokens_charged, now)
+
+    async def messages(self, conversation_id: str, limit: int) -> list[MessageRow]:
+        """The newest `limit` messages, oldest first."""
+        rows = await self._rows(
+            "SELECT * FROM (SELECT id, conversation_id, role, content, tokens_charged, created_at "
+            "FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (conversation_id, limit),
+        )
+        return [MessageRow(*row) for row in rows]

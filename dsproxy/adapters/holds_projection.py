@@ -1,0 +1,176 @@
+"""The `holds` table: chats' holds projected from their facts, in the balances' transaction.
+
+A hold is `held` (taken), `settling` (charged; its debit event is not yet in the store: maybe
+not yet issued, `debit_event_id` NULL, or issued and not yet appended), `settled` (the debit
+event is in the store, so the balance counts it) or `released`. Tokens still reserved are a held
+hold's size plus a settling hold's charge: the balance and the holds change in one transaction,
+so a charge is never counted twice or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from attrs import frozen
+
+from dsproxy.adapters.event_store import StoredRecord
+from dsproxy.adapters.projection_db import ProjectionDb
+from dsproxy.domain.chat_facts import DebitIssued, Hold, HoldOutcome
+
+__all__ = [
+    "HOLDS_SCHEMA",
+    "HoldsProjection",
+    "OpenHoldRow",
+    "UnissuedCharge",
+    "count_open",
+    "debit_recorded",
+    "held_by",
+    "open_holds",
+    "unissued",
+    "users_with_unissued",
+]
+
+HOLDS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS holds (
+    chat_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    model TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    tokens_charged INTEGER NOT NULL DEFAULT 0,
+    debit_event_id TEXT,
+    debit_event TEXT,
+    reason TEXT,
+    taken_position INTEGER NOT NULL,
+    closed_position INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS holds_by_user_state ON holds (user, state);
+CREATE INDEX IF NOT EXISTS holds_by_state ON holds (state);
+CREATE INDEX IF NOT EXISTS holds_by_debit ON holds (debit_event_id);
+"""
+
+_TAKEN = (
+    "INSERT OR IGNORE INTO holds (chat_id, user, model, tokens, state, taken_position) "
+    "VALUES (?, ?, ?, ?, 'held', ?)"
+)
+_SETTLED = (
+    "UPDATE holds SET state = 'settling', tokens_charged = ?, closed_position = ? "
+    "WHERE chat_id = ? AND state = 'held'"
+)
+_ISSUED = (
+    "UPDATE holds SET debit_event_id = ?, debit_event = ? "
+    "WHERE chat_id = ? AND state = 'settling' AND debit_event_id IS NULL"
+)
+_RELEASED = (
+    "UPDATE holds SET state = 'released', reason = ?, closed_position = ? "
+    "WHERE chat_id = ? AND state = 'held'"
+)
+_DEBIT_STORED = (
+    "UPDATE holds SET state = 'settled', debit_event = NULL "
+    "WHERE debit_event_id = ? AND state = 'settling'"
+)
+
+
+class HoldsProjection:
+    """A FactProjection for the backend whose key (x-only hex) signs the debits."""
+
+    schema = HOLDS_SCHEMA
+
+    def __init__(self, backend_pubkey: str) -> None:
+        self._author = backend_pubkey.encode()
+
+    def changes(self, records: Sequence[StoredRecord]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """Pure: statements for one page. A hold is always taken, then settled, then issued, then
+        its debit stored, so running the statements grouped in that order is safe."""
+        taken: list[tuple[Any, ...]] = []
+        settled: list[tuple[Any, ...]] = []
+        issued: list[tuple[Any, ...]] = []
+        released: list[tuple[Any, ...]] = []
+        stored: list[tuple[Any, ...]] = []
+        for record in records:
+            fact = record.fact
+            if isinstance(fact, Hold.Taken):
+                row = (fact.originator_id.hex, fact.user, fact.model, fact.tokens, record.position)
+                taken.append(row)
+            elif isinstance(fact, HoldOutcome.Settled):
+                settled.append((fact.tokens_charged, record.position, fact.hold_id.hex))
+            elif isinstance(fact, DebitIssued.Created):
+                issued += [(fact.event_id, fact.event, hold_id) for hold_id in fact.hold_ids]
+            elif isinstance(fact, HoldOutcome.Released):
+                released.append((fact.reason, record.position, fact.hold_id.hex))
+            elif record.is_nostr and self._author in record.state:
+                event = orjson.loads(record.state)
+                if event.get("pubkey") == self._author.decode():
+                    stored.append((event["id"],))
+        statements = [(_TAKEN, taken), (_SETTLED, settled), (_ISSUED, issued)]
+        statements += [(_RELEASED, released), (_DEBIT_STORED, stored)]
+        return [(sql, rows) for sql, rows in statements if rows]
+
+
+@frozen
+class OpenHoldRow:
+    """A hold not yet closed when the backend starts: what recovery needs to close it."""
+
+    chat_id: str
+    user: str
+    state: str
+    debit_event: str | None
+
+
+@frozen
+class UnissuedCharge:
+    """A settled charge whose debit event is not issued yet."""
+
+    chat_id: str
+    tokens_charged: int
+
+
+async def held_by(db: ProjectionDb, user: str) -> tuple[int, int, int]:
+    """(ledger balance, tokens held by chats in flight, tokens charged whose debit is not yet in
+    the store), read in one query: the view a hold decision needs."""
+    rows = await db.fetch_all(
+        "SELECT (SELECT balance FROM accounts WHERE user = ?), "
+        "COALESCE(SUM(CASE state WHEN 'held' THEN tokens ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE state WHEN 'settling' THEN tokens_charged ELSE 0 END), 0) "
+        "FROM holds WHERE user = ? AND state IN ('held', 'settling')",
+        (user, user),
+    )
+    balance, held, unissued_tokens = rows[0]
+    return int(balance or 0), int(held), int(unissued_tokens)
+
+
+async def unissued(db: ProjectionDb, user: str, limit: int = 1_000) -> list[UnissuedCharge]:
+    rows = await db.fetch_all(
+        "SELECT chat_id, tokens_charged FROM holds WHERE user = ? AND state = 'settling' "
+        "AND debit_event_id IS NULL ORDER BY closed_position LIMIT ?",
+        (user, limit),
+    )
+    return [UnissuedCharge(*row) for row in rows]
+
+
+async def users_with_unissued(db: ProjectionDb) -> list[str]:
+    rows = await db.fetch_all(
+        "SELECT DISTINCT user FROM holds WHERE state = 'settling' AND debit_event_id IS NULL"
+    )
+    return [str(row[0]) for row in rows]
+
+
+async def debit_recorded(db: ProjectionDb, event_id: str) -> bool:
+    """True if a settled hold already carries this debit event id."""
+    rows = await db.fetch_all("SELECT 1 FROM holds WHERE debit_event_id = ? LIMIT 1", (event_id,))
+    return bool(rows)
+
+
+async def open_holds(db: ProjectionDb) -> list[OpenHoldRow]:
+    rows = await db.fetch_all(
+        "SELECT chat_id, user, state, debit_event FROM holds "
+        "WHERE state IN ('held', 'settling') ORDER BY taken_position"
+    )
+    return [OpenHoldRow(*row) for row in rows]
+
+
+async def count_open(db: ProjectionDb) -> int:
+    rows = await db.fetch_all("SELECT COUNT(*) FROM holds WHERE state IN ('held', 'settling')")
+    return int(rows[0][0])

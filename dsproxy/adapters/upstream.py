@@ -1,0 +1,188 @@
+"""The upstream model: any OpenAI-compatible `/chat/completions`, over httpx, streaming or not.
+
+Every httpx error and every error status is translated here into our tree, so callers never see
+httpx. A stream is opened (and its status checked) before the caller sends anything to its own
+client: an upstream error before any output can then still become a clean HTTP error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+import orjson
+from attrs import frozen
+
+from dsproxy.errors import (
+    UpstreamCut,
+    UpstreamError,
+    UpstreamQuotaExhausted,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnauthorized,
+)
+
+__all__ = ["StreamChunk", "Upstream", "UpstreamStream", "error_for_status"]
+
+log = logging.getLogger(__name__)
+
+ERROR_BODY_BYTES_MAX = 4_096
+RESPONSE_BYTES_MAX = 16 * 1_048_576
+_DONE = b"[DONE]"
+
+
+def _detail(body: bytes) -> str:
+    """The upstream's own error message, if it sent an OpenAI-shaped one."""
+    try:
+        obj = orjson.loads(body[:ERROR_BODY_BYTES_MAX])
+        message = obj["error"]["message"]
+        return str(message)[:500]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return body[:200].decode(errors="replace")
+
+
+def error_for_status(status: int, body: bytes) -> UpstreamError:
+    """Our error for an upstream error status (its message is logged, not shown, for 401/402)."""
+    detail = _detail(body)
+    if status in (400, 404, 413, 422):
+        return UpstreamRejected(f"the model server refused the request: {detail}", status=status)
+    log.warning("upstream answered %s: %s", status, detail)
+    if status in (401, 403):
+        return UpstreamUnauthorized("the model server refused this service's credentials")
+    if status == 402:
+        return UpstreamQuotaExhausted("this service's account at the model server is exhausted")
+    if status == 429:
+        return UpstreamRateLimited("the model server is rate-limiting this service")
+    return UpstreamError(f"the model server failed with status {status}")
+
+
+def _translate(exc: httpx.HTTPError) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"the model server did not answer in time ({type(exc).__name__})")
+    return UpstreamError(f"cannot reach the model server ({type(exc).__name__})")
+
+
+@frozen
+class StreamChunk:
+    """One `data:` event of a stream: its raw bytes and its parsed JSON object."""
+
+    raw: bytes
+    data: dict[str, Any]
+
+
+class UpstreamStream:
+    """An open streamed answer; iterate `chunks()`, always `aclose()`."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.finished = False  # saw `data: [DONE]`
+
+    async def chunks(self) -> AsyncIterator[StreamChunk]:
+        """Parsed chunks; raises UpstreamCut if the stream ends without `[DONE]`."""
+        try:
+            async for line in self._response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, `: keep-alive` comments, `event:` lines
+                payload = line[5:].strip().encode()
+                if payload == _DONE:
+                    self.finished = True
+                    return
+                try:
+                    data = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    raise UpstreamCut("the model server sent a malformed chunk") from None
+                if not isinstance(data, dict):
+                    raise UpstreamCut("the model server sent a chunk that is not an object")
+                if "error" in data:
+                    raise UpstreamCut(f"the model server failed mid-stream: {data['error']}")
+                yield StreamChunk(payload, data)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("the model server stopped sending mid-stream") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamCut(f"the stream was cut ({type(exc).__name__})") from exc
+        raise UpstreamCut("the stream ended without its end marker")
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class Upstream:
+    """A pooled client for one OpenAI-compatible base URL (e.g. https://api.deepseek.com)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float = 600,
+        connections_max: int = 256,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10)),
+            limits=httpx.Limits(
+                max_connections=connections_max, max_keepalive_connections=connections_max
+            ),
+        )
+
+    async def complete(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A non-streamed answer as the upstream's JSON object."""
+        try:
+            response = await self._client.post(
+                "/chat/completions",
+                content=orjson.dumps(body),
+                headers={"content-type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+        if response.status_code != 200:
+            raise error_for_status(response.status_code, response.content)
+        if len(response.content) > RESPONSE_BYTES_MAX:
+            raise UpstreamError("the model server's answer is too large")
+        try:
+            data = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("the model server's answer is not JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise UpstreamError("the model server's answer has no choices")
+        return data
+
+    async def open_stream(self, body: Mapping[str, Any]) -> UpstreamStream:
+        """Send a streamed request and check its status before any chunk is read."""
+        request = self._client.build_request(
+            "POST",
+            "/chat/completions",
+            content=orjson.dumps(body),
+            headers={"content-type": "application/json", "accept": "text/event-stream"},
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+        if response.status_code != 200:
+            try:
+                content = await response.aread()
+            except httpx.HTTPError:
+                content = b""
+            finally:
+                await response.aclose()
+            raise error_for_status(response.status_code, content)
+        return UpstreamStream(response)
+
+    async def list_models(self) -> list[str]:
+        """The upstream's model ids (for start-up checks and the benchmark)."""
+        try:
+            response = await self._client.get("/models")
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+        if response.status_code != 200:
+            raise error_for_status(response.status_code, response.content)
+        return [str(item.get("id")) for item in orjson.loads(response.content).get("data", [])]
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

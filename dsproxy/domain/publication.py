@@ -1,0 +1,165 @@
+"""Publishing our own events: what a relay's answer means, what to do next, and the fact kept.
+
+A relay answers an EVENT with `OK true`, or `OK false` and a NIP-01 reason such as
+`"invalid: bad signature"`. `duplicate:` means the relay has the event already (nostr-relay
+answers OK false for it), so it counts as an acknowledgement. Reasons that can never change for
+this event (`invalid:`, `blocked:`, `pow:`, `restricted:`, `rejected:`) are permanent: the event is
+recorded as failed and the outbox moves on. Anything else (`rate-limited:`, `error:`, a timeout, a
+relay that is down) is transient: the outbox retries with backoff, in order.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+
+from attrs import frozen
+from eventsourcing.domain import Aggregate, event
+
+__all__ = [
+    "Acknowledged",
+    "Decision",
+    "Failed",
+    "Outcome",
+    "Publication",
+    "RelayAnswer",
+    "RelayResult",
+    "RetryLater",
+    "answer_of",
+    "decide_publication",
+    "is_permanent",
+    "retry_delay_ms",
+]
+
+PERMANENT_PREFIXES = ("invalid", "blocked", "pow", "restricted", "rejected")
+ACKNOWLEDGING_PREFIXES = ("duplicate",)
+_NIP01_PREFIX = re.compile(r"^([a-z][a-z-]*):")
+
+
+class RelayAnswer(enum.Enum):
+    """How one relay answered one publish attempt."""
+
+    ACCEPTED = "accepted"  # OK true (or duplicate: it has the event)
+    REJECTED = "rejected"  # OK false with a machine-readable NIP-01 reason
+    UNREACHABLE = "unreachable"  # no answer: not connected, timed out, connection lost
+
+
+class Outcome(enum.Enum):
+    """What a Publication fact records."""
+
+    ACKNOWLEDGED = "acknowledged"
+    REJECTED = "rejected"  # a transient rejection: still pending
+    FAILED = "failed"  # permanent: the outbox gave up on this event
+
+
+@frozen
+class RelayResult:
+    """One relay's answer to one publish attempt, with the relay's own words."""
+
+    relay: str
+    answer: RelayAnswer
+    reason: str = ""
+
+
+def _prefix(reason: str) -> str | None:
+    match = _NIP01_PREFIX.match(reason.strip())
+    return match.group(1) if match else None
+
+
+def answer_of(relay: str, accepted: bool, reason: str) -> RelayResult:
+    """Classify what the client library reported: relay reasons carry a NIP-01 prefix."""
+    if accepted:
+        return RelayResult(relay, RelayAnswer.ACCEPTED, reason)
+    prefix = _prefix(reason)
+    if prefix in ACKNOWLEDGING_PREFIXES:
+        return RelayResult(relay, RelayAnswer.ACCEPTED, reason)
+    if prefix is None:  # "timeout", "relay not connected": the library's words, not the relay's
+        return RelayResult(relay, RelayAnswer.UNREACHABLE, reason)
+    return RelayResult(relay, RelayAnswer.REJECTED, reason)
+
+
+def is_permanent(reason: str) -> bool:
+    """True for NIP-01 reasons that will not change however often we retry."""
+    return _prefix(reason) in PERMANENT_PREFIXES
+
+
+@frozen
+class Acknowledged:
+    relays: tuple[str, ...]
+
+
+@frozen
+class Failed:
+    reason: str
+
+
+@frozen
+class RetryLater:
+    """Try again after a delay; `rejection` is a relay's transient refusal (None if unreachable)."""
+
+    reason: str
+    rejection: str | None
+
+
+Decision = Acknowledged | Failed | RetryLater
+
+
+def _describe(results: Sequence[RelayResult]) -> str:
+    return "; ".join(f"{r.relay}: {r.reason or r.answer.value}" for r in results)
+
+
+def decide_publication(
+    results: Sequence[RelayResult],
+    relays_total: int,
+    rejections_so_far: int = 0,
+    rejections_max: int = 20,
+) -> Decision:
+    """One relay acknowledging is enough; every relay refusing for good is a failure.
+
+    Transient rejections count against `rejections_max`; a relay being unreachable never does,
+    so an outage only delays publication.
+    """
+    assert relays_total >= 1, relays_total
+    accepted = tuple(r.relay for r in results if r.answer is RelayAnswer.ACCEPTED)
+    if accepted:
+        return Acknowledged(accepted)
+    rejected = [r for r in results if r.answer is RelayAnswer.REJECTED]
+    permanent = [r for r in rejected if is_permanent(r.reason)]
+    if permanent and len(permanent) == len(results) == relays_total:
+        return Failed(_describe(permanent))
+    transient = [r for r in rejected if not is_permanent(r.reason)]
+    if transient and rejections_so_far + 1 >= rejections_max:
+        return Failed(
+            f"gave up after {rejections_max} transient rejections: {_describe(transient)}"
+        )
+    if transient:
+        return RetryLater(_describe(results), _describe(transient))
+    return RetryLater(_describe(results) or "no relay configured", None)
+
+
+def retry_delay_ms(attempt: int, delay_ms_min: int, delay_ms_max: int, spread: float = 1.0) -> int:
+    """Exponential backoff, min * 2**attempt capped at max, times `spread` (the caller's jitter)."""
+    assert 0 < spread <= 1, spread
+    return int(min(delay_ms_min * 2 ** min(attempt, 32), delay_ms_max) * spread)
+
+
+class Publication(Aggregate):
+    """The recorded outcome of publishing one stored event: one aggregate per outcome.
+
+    Never reloaded, so it never grows; the outbox projection folds these facts, in store order,
+    into the `outbox` table.
+    """
+
+    @event("Recorded")
+    def __init__(self, event_id: str, outcome: str, relays: list[str], reason: str) -> None:
+        self.event_id = event_id
+        self.outcome = outcome
+        self.relays = relays
+        self.reason = reason
+
+    @classmethod
+    def record(
+        cls, event_id: str, outcome: Outcome, relays: Sequence[str], reason: str
+    ) -> Publication:
+        return cls(event_id, outcome.value, list(relays), reason)

@@ -1,0 +1,484 @@
+"""The backend's HTTP edge: one backend's wiring, bearer auth, bodies, OpenAI-shaped errors,
+metrics and the metered streaming response. Route modules (`http_openai`, `http_accounts`,
+`http_dapp`) build on these; `serve.py` assembles the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+import orjson
+from attrs import define
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dsproxy.adapters.accounts_db import AccountsDb
+from dsproxy.adapters.holds_projection import count_open
+from dsproxy.adapters.node_keys import load_secret
+from dsproxy.adapters.tokenizer import Tokenizer
+from dsproxy.adapters.upstream import StreamChunk, Upstream
+from dsproxy.bootstrap import address
+from dsproxy.config import Settings
+from dsproxy.domain.accounts import SESSION_PREFIX, hash_secret
+from dsproxy.domain.metering import ModelCatalog, Usage, parse_model_numbers, parse_prices
+from dsproxy.errors import (
+    AuthenticationFailed,
+    BadInput,
+    ConfigError,
+    ContextTooLong,
+    DsproxyError,
+    InsufficientTokens,
+    InvalidParameter,
+    NotFound,
+    RateLimited,
+    StoreError,
+    UpstreamError,
+    UpstreamQuotaExhausted,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnauthorized,
+)
+from dsproxy.handlers.chat import Charge, ChatHandler, ChatStream, Meter, UserLimits, UserTicket
+from dsproxy.services.node import Node
+from dsproxy.wire.event import public_key_of
+
+__all__ = [
+    "Backend",
+    "MeteredStreamResponse",
+    "Metrics",
+    "StreamRender",
+    "authenticate",
+    "charge_headers",
+    "close_backend",
+    "error_body",
+    "error_response",
+    "json_response",
+    "now_s",
+    "open_backend",
+    "read_json",
+    "run_admitted",
+]
+
+log = logging.getLogger(__name__)
+
+_ROUTES_COUNTED = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/balance",
+        "/v1/transactions",
+        "/v1/api-keys",
+        "/v1/auth/challenge",
+        "/v1/auth/login",
+        "/user",
+        "/user/login",
+        "/user/challenge",
+        "/conversations",
+        "/messages",
+        "/healthz",
+        "/metrics",
+    }
+)
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+class Metrics:
+    """Prometheus metrics of one backend, on their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "dsproxy_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.tokens = Counter(
+            "dsproxy_tokens",
+            "Tokens by model: prompt, completion, charged",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "dsproxy_upstream_latency_seconds",
+            "Time to the upstream's answer (first chunk)",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.holds_open = Gauge("dsproxy_holds_open", "Holds of chats in flight", registry=r)
+        self.tokens_held = Gauge("dsproxy_tokens_held", "Tokens reserved by open holds", registry=r)
+        self.outbox_backlog = Gauge(
+            "dsproxy_outbox_backlog_events", "Own events stored, not yet acknowledged", registry=r
+        )
+        self.ingest_lag = Gauge(
+            "dsproxy_ingest_lag_events",
+            "Events received but not yet stored, plus stored but not yet projected",
+            registry=r,
+        )
+
+    def upstream_latency(self, seconds: float) -> None:
+        self.upstream_seconds.observe(seconds)
+
+    def charged(self, model: str, usage: Usage, tokens_charged: int) -> None:
+        self.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
+        self.tokens.labels(model, "completion").inc(usage.completion_tokens)
+        self.tokens.labels(model, "charged").inc(tokens_charged)
+
+    async def refresh(self, backend: Backend) -> None:
+        """Gauges read from the tables at scrape time."""
+        db = backend.node.ledger.db
+        self.holds_open.set(await count_open(db))
+        rows = await db.fetch_all(
+            "SELECT COALESCE(SUM(CASE state WHEN 'held' THEN tokens ELSE tokens_charged END), 0) "
+            "FROM holds WHERE state IN ('held', 'settling')"
+        )
+        self.tokens_held.set(int(rows[0][0]))
+        has_outbox = await db.fetch_all(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
+        )
+        backlog = 0  # a node with no key has no outbox table: nothing of ours to publish
+        if has_outbox:
+            rows = await db.fetch_all("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
+            backlog = int(rows[0][0])
+        self.outbox_backlog.set(backlog)
+        stored = await backend.node.ledger.store.max_position()
+        projected = await db.position()
+        self.ingest_lag.set(backend.node.ingest.queue.qsize() + max(0, stored - projected))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class CountRequests:
+    """ASGI middleware: count responses by route and status (unknown paths as `other`)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in _ROUTES_COUNTED else "other"
+        if path.startswith("/v1/api-keys/"):
+            route = "/v1/api-keys/{id}"
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+@define
+class Backend:
+    """Everything one backend process serves with; build with `open_backend`."""
+
+    settings: Settings
+    node: Node
+    accounts: AccountsDb
+    upstream: Upstream
+    tokenizer: Tokenizer
+    catalog: ModelCatalog
+    meter: Meter
+    chats: ChatHandler
+    limits: UserLimits
+    metrics: Metrics
+    server: str  # the public URL login challenges are bound to
+    pubkey: str
+
+
+def catalog_of(settings: Settings) -> ModelCatalog:
+    if not settings.models:
+        raise ConfigError("DSPROXY_MODELS is empty: list the models this backend sells")
+    return ModelCatalog(
+        models=settings.models,
+        prices=parse_prices(settings.prices, "DSPROXY_PRICES"),
+        context_windows=parse_model_numbers(settings.context_windows, "DSPROXY_CONTEXT_WINDOWS"),
+        context_window_default=settings.context_window_tokens,
+        completion_tokens_max=settings.completion_tokens_max,
+    )
+
+
+def upstream_api_key(settings: Settings) -> str:
+    """The operator's key for the upstream: from the variable or from a file (never logged)."""
+    if settings.upstream_api_key and settings.upstream_api_key_file:
+        raise ConfigError("set DSPROXY_UPSTREAM_API_KEY or DSPROXY_UPSTREAM_API_KEY_FILE, not both")
+    if settings.upstream_api_key_file is None:
+        return settings.upstream_api_key
+    try:
+        return settings.upstream_api_key_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"DSPROXY_UPSTREAM_API_KEY_FILE {str(settings.upstream_api_key_file)!r}: {exc.strerror}"
+        ) from None
+
+
+async def open_backend(settings: Settings) -> Backend:
+    """Open the ledger node (with the holds table), the accounts file and the upstream client,
+    then close any holds a crash left open."""
+    catalog = catalog_of(settings)
+    secret_hex = load_secret(settings.nostr_key_file)
+    pubkey = public_key_of(secret_hex)
+    api_key = upstream_api_key(settings)
+    if pubkey not in settings.trusted_backends:
+        log.warning(
+            "this backend's key %s is not in DSPROXY_TRUSTED_BACKENDS: its debits will not "
+            "lower balances anywhere (add it)",
+            pubkey,
+        )
+    node = await Node.open(settings)
+    accounts = await AccountsDb.open(settings.data_dir / "backend.sqlite")
+    ledger = node.ledger
+    meter = Meter(ledger.store, ledger.db, ledger.projector, address(settings), secret_hex, catalog)
+    upstream = Upstream(
+        settings.upstream_url,
+        api_key,
+        timeout_s=settings.upstream_timeout_s,
+        connections_max=settings.upstream_connections_max,
+    )
+    tokenizer = await asyncio.to_thread(Tokenizer)
+    metrics = Metrics()
+    chats = ChatHandler(meter, upstream, tokenizer, catalog, metrics)
+    limits = UserLimits(settings.requests_per_minute_max, settings.concurrent_requests_max)
+    server = settings.public_url or f"http://{settings.http_host}:{settings.http_port}"
+    recovery = await meter.recover()
+    if recovery.released or recovery.debits_appended or recovery.users_with_charges_to_issue:
+        log.warning(
+            "start-up recovery: released %d holds left open, appended %d recorded debits, "
+            "issuing the settled charges of %d users",
+            recovery.released,
+            recovery.debits_appended,
+            recovery.users_with_charges_to_issue,
+        )
+    return Backend(
+        settings,
+        node,
+        accounts,
+        upstream,
+        tokenizer,
+        catalog,
+        meter,
+        chats,
+        limits,
+        metrics,
+        server,
+        pubkey,
+    )
+
+
+async def close_backend(backend: Backend) -> None:
+    await backend.meter.drain()  # settled charges become debit events before the files close
+    await backend.upstream.aclose()
+    await backend.accounts.close()
+    await backend.node.aclose()
+
+
+# --- requests and responses ----------------------------------------------------------------------
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+
+
+async def read_json(request: Request, bytes_max: int) -> Any:
+    """The body as JSON, refusing more than `bytes_max` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > bytes_max:
+        raise InvalidParameter(
+            f"the body is over {bytes_max} bytes", param="body", code="request_too_large"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > bytes_max:
+            raise InvalidParameter(
+                f"the body is over {bytes_max} bytes", param="body", code="request_too_large"
+            )
+        chunks.append(chunk)
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError:
+        raise InvalidParameter("the body is not valid JSON", param="body") from None
+
+
+async def authenticate(request: Request, backend: Backend, *, session_only: bool = False) -> str:
+    """The user a bearer token or API key belongs to; AuthenticationFailed otherwise.
+
+    `session_only` refuses API keys: managing keys needs a fresh wallet login.
+    """
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise AuthenticationFailed("send `Authorization: Bearer <token or API key>`")
+    secret = secret.strip()
+    if session_only and not secret.startswith(SESSION_PREFIX):
+        raise AuthenticationFailed("this needs a login token (POST /v1/auth/login), not an API key")
+    user = await backend.accounts.user_for(hash_secret(secret), now_s())
+    if user is None:
+        raise AuthenticationFailed("the token or API key is wrong, expired or revoked")
+    return user
+
+
+def charge_headers(charge: Charge) -> dict[str, str]:
+    return {
+        "x-dsproxy-tokens-charged": str(charge.tokens_charged),
+        "x-dsproxy-balance": str(charge.balance),
+        "x-dsproxy-available": str(charge.available),
+    }
+
+
+def _classify(exc: DsproxyError) -> tuple[int, str, str | None, str | None]:
+    """(status, type, code, param) for one of our errors: the one place they meet HTTP."""
+    if isinstance(exc, InvalidParameter):
+        status = 404 if exc.code == "model_not_found" else 400
+        status = 413 if exc.code == "request_too_large" else status
+        return status, "invalid_request_error", exc.code, exc.param
+    if isinstance(exc, ContextTooLong):
+        return 400, "invalid_request_error", "context_length_exceeded", "messages"
+    if isinstance(exc, BadInput):
+        return 400, "invalid_request_error", None, None
+    table: list[tuple[type[DsproxyError], int, str, str | None]] = [
+        (AuthenticationFailed, 401, "authentication_error", "invalid_api_key"),
+        (InsufficientTokens, 402, "insufficient_quota", "insufficient_balance"),
+        (NotFound, 404, "invalid_request_error", "not_found"),
+        (RateLimited, 429, "rate_limit_error", "rate_limit_exceeded"),
+        (UpstreamRejected, 400, "invalid_request_error", "upstream_rejected"),
+        (UpstreamUnauthorized, 502, "upstream_error", "upstream_unauthorized"),
+        (UpstreamQuotaExhausted, 503, "upstream_error", "upstream_quota_exhausted"),
+        (UpstreamRateLimited, 429, "upstream_error", "upstream_rate_limited"),
+        (UpstreamTimeout, 504, "upstream_error", "upstream_timeout"),
+        (UpstreamError, 502, "upstream_error", "upstream_error"),
+        (StoreError, 503, "server_error", "storage_unavailable"),
+    ]
+    for kind, status, type_, code in table:
+        if isinstance(exc, kind):
+            return status, type_, code, None
+    return 500, "server_error", None, None
+
+
+def error_body(exc: DsproxyError) -> tuple[int, dict[str, Any]]:
+    status, type_, code, param = _classify(exc)
+    message = str(exc)
+    if isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamRejected):
+        message += " (a problem of this service or its model provider: nothing was charged)"
+    return status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: DsproxyError) -> Response:
+    status, body = error_body(exc)
+    headers: dict[str, str] = {}
+    hopeless = isinstance(exc, UpstreamUnauthorized | UpstreamQuotaExhausted)
+    if hopeless or (status < 500 and status != 429):
+        headers["x-should-retry"] = "false"  # the OpenAI SDK retries 5xx and 429 otherwise
+    if isinstance(exc, RateLimited):
+        headers["retry-after"] = str(exc.retry_after_s)
+    return json_response(body, status, headers)
+
+
+# --- the metered stream -------------------------------------------------------------------------
+
+
+class StreamRender(Protocol):
+    """How one route writes a metered stream on the wire."""
+
+    def chunk(self, chunk: StreamChunk) -> bytes | None: ...
+
+    async def end(self, charge: Charge, error: UpstreamError | None) -> bytes: ...
+
+    async def aborted(self, charge: Charge) -> None: ...
+
+
+async def _until_disconnect(work: Coroutine[Any, Any, None], receive: Receive) -> None:
+    """Run `work`; cancel it if the client goes away first."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    pump = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pump, watcher):
+            task.cancel()
+        results = await asyncio.gather(pump, watcher, return_exceptions=True)
+        failure = results[0]
+        if isinstance(failure, Exception) and not isinstance(failure, OSError):
+            log.error("a metered stream failed: %r", failure)
+
+
+class MeteredStreamResponse:
+    """An SSE response that settles its chat exactly once, whatever ends it: the upstream's
+    end, an upstream error, or the client going away (then only delivered chunks count)."""
+
+    def __init__(
+        self,
+        stream: ChatStream,
+        render: StreamRender,
+        ticket: UserTicket,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.stream, self.render, self.ticket = stream, render, ticket
+        self.headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ended = False
+
+        async def pump() -> None:
+            nonlocal ended
+            error: UpstreamError | None = None
+            try:
+                async for chunk in self.stream.chunks():
+                    data = self.render.chunk(chunk)
+                    if data:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    self.stream.delivered(chunk)
+            except UpstreamError as exc:
+                error = exc
+            charge = await asyncio.shield(self.stream.finish())
+            tail = await self.render.end(charge, error)
+            ended = True
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+        try:
+            headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+            headers += [(k.encode(), v.encode()) for k, v in self.headers.items()]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await _until_disconnect(pump(), receive)
+        finally:
+            try:
+                charge = await asyncio.shield(self.stream.finish())
+                if not ended:
+                    await self.render.aborted(charge)
+            finally:
+                self.ticket.done()
+
+
+async def run_admitted(
+    backend: Backend,
+    user: str,
+    work: Callable[[UserTicket], Awaitable[Response | MeteredStreamResponse]],
+) -> Response | MeteredStreamResponse:
+    """Run a chat under the user's limits; a stream takes the ticket and ends it itself."""
+    ticket = backend.limits.admit(user)
+    try:
+        response = await work(ticket)
+    except BaseException:
+        ticket.done()
+        raise
+    if not isinstance(response, MeteredStreamResponse):
+        ticket.done()
+    return response

@@ -1,0 +1,183 @@
+"""The existing dApp's chat routes, metered like the rest: conversations and their messages.
+
+    POST|GET /conversations
+    POST /messages {conversation_id, content, model?} -> SSE `event: message` /
+         `data: {"content": delta}` ... then `event: done` / `data: <message json>`
+    GET /messages?conversation_id=...
+
+A conversation is its owner's only: another user's id is a 404, checked before anything is
+reserved. The history sent upstream is trimmed from the oldest messages to fit the model's
+context window; if even the new message does not fit, the request fails (nothing is charged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dsproxy.adapters.accounts_db import ConversationRow, MessageRow
+from dsproxy.adapters.tokenizer import TEMPLATE_TOKENS_PER_PROMPT
+from dsproxy.adapters.upstream import StreamChunk
+from dsproxy.domain.metering import trim_to_window
+from dsproxy.entrypoints.http_api import (
+    Backend,
+    MeteredStreamResponse,
+    authenticate,
+    error_body,
+    json_response,
+    now_s,
+    read_json,
+    run_admitted,
+)
+from dsproxy.errors import ContextTooLong, InvalidParameter, NotFound, UpstreamError
+from dsproxy.handlers.chat import Charge, UserTicket
+
+__all__ = ["routes"]
+
+TITLE_CHARS_MAX = 200
+CONVERSATIONS_LISTED_MAX = 500
+
+
+def _conversation_json(row: ConversationRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "title": row.title,
+        "model": row.model,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
+
+
+def _message_json(row: MessageRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "conversation_id": row.conversation_id,
+        "role": row.role,
+        "content": row.content,
+        "tokens_charged": row.tokens_charged,
+        "created_at": row.created_at,
+    }
+
+
+class DappStreamRender:
+    """The dApp's SSE: content deltas, then the stored assistant message."""
+
+    def __init__(self, backend: Backend, conversation_id: str) -> None:
+        self.backend, self.conversation_id = backend, conversation_id
+        self.parts: list[str] = []
+
+    def chunk(self, chunk: StreamChunk) -> bytes | None:
+        text = "".join(
+            str(choice.get("delta", {}).get("content") or "")
+            for choice in chunk.data.get("choices") or ()
+            if isinstance(choice, dict)
+        )
+        if not text:
+            return None
+        self.parts.append(text)
+        return b"event: message\ndata: " + orjson.dumps({"content": text}) + b"\n\n"
+
+    async def _store(self, charge: Charge) -> MessageRow:
+        return await self.backend.accounts.add_message(
+            self.conversation_id, "assistant", "".join(self.parts), charge.tokens_charged, now_s()
+        )
+
+    async def end(self, charge: Charge, error: UpstreamError | None) -> bytes:
+        row = await self._store(charge)
+        if error is not None:
+            _, body = error_body(error)
+            return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+        message = {**_message_json(row), "balance": charge.balance}
+        return b"event: done\ndata: " + orjson.dumps(message) + b"\n\n"
+
+    async def aborted(self, charge: Charge) -> None:
+        if self.parts:
+            await self._store(charge)
+
+
+def routes(backend: Backend) -> list[Route]:
+    settings, catalog = backend.settings, backend.catalog
+
+    async def create_conversation(request: Request) -> Response:
+        user = await authenticate(request, backend)
+        body = await read_json(request, 4_096)
+        body = body if isinstance(body, dict) else {}
+        title = body.get("title") or "New conversation"
+        model = body.get("model") or catalog.models[0]
+        if not isinstance(title, str) or len(title) > TITLE_CHARS_MAX:
+            raise InvalidParameter(
+                f"title must be at most {TITLE_CHARS_MAX} characters", param="title"
+            )
+        if model not in catalog.models:
+            raise InvalidParameter(f"no model {model!r}", param="model", code="model_not_found")
+        row = await backend.accounts.add_conversation(user, title, model, now_s())
+        return json_response(_conversation_json(row), 201)
+
+    async def list_conversations(request: Request) -> Response:
+        user = await authenticate(request, backend)
+        rows = await backend.accounts.conversations(user, CONVERSATIONS_LISTED_MAX)
+        return json_response([_conversation_json(row) for row in rows])
+
+    async def owned(user: str, conversation_id: Any) -> ConversationRow:
+        if not isinstance(conversation_id, str) or not conversation_id:
+            raise InvalidParameter("conversation_id is required", param="conversation_id")
+        row = await backend.accounts.conversation(user, conversation_id)
+        if row is None:
+            raise NotFound(f"no conversation {conversation_id!r}")
+        return row
+
+    async def list_messages(request: Request) -> Response:
+        user = await authenticate(request, backend)
+        conversation = await owned(user, request.query_params.get("conversation_id"))
+        rows = await backend.accounts.messages(conversation.id, settings.conversation_messages_max)
+        return json_response([_message_json(row) for row in rows])
+
+    async def post_message(request: Request) -> Response | MeteredStreamResponse:
+        user = await authenticate(request, backend)
+        body = await read_json(request, settings.request_bytes_max)
+        body = body if isinstance(body, dict) else {}
+        conversation = await owned(user, body.get("conversation_id"))
+        content = body.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise InvalidParameter("content must be a non-empty string", param="content")
+        model = body.get("model") or conversation.model
+        history = await backend.accounts.messages(
+            conversation.id, settings.conversation_messages_max
+        )
+        messages = [{"role": row.role, "content": row.content} for row in history if row.content]
+        messages.append({"role": "user", "content": content})
+        window = catalog.context_window(model) if model in catalog.models else 0
+        reply_tokens = min(catalog.completion_tokens_max, max(1, window // 4))
+        counts = [backend.tokenizer.count_message(message) for message in messages]
+        start = trim_to_window(counts, window - reply_tokens - TEMPLATE_TOKENS_PER_PROMPT)
+        if start is None:
+            raise ContextTooLong(
+                f"this message alone is about {counts[-1]} tokens; {model} reads at most "
+                f"{window - reply_tokens} besides its answer"
+            )
+        upstream_body = {
+            "model": model,
+            "messages": messages[start:],
+            "stream": True,
+            "max_tokens": reply_tokens,
+        }
+        chat = await backend.chats.prepare(upstream_body)
+
+        async def work(ticket: UserTicket) -> MeteredStreamResponse:
+            stream = await backend.chats.stream(user, chat)
+            await backend.accounts.add_message(conversation.id, "user", content, 0, now_s())
+            render = DappStreamRender(backend, conversation.id)
+            return MeteredStreamResponse(stream, render, ticket)
+
+        return await run_admitted(backend, user, work)
+
+    return [
+        Route("/conversations", create_conversation, methods=["POST"]),
+        Route("/conversations", list_conversations, methods=["GET"]),
+        Route("/messages", post_message, methods=["POST"]),
+        Route("/messages", list_messages, methods=["GET"]),
+    ]

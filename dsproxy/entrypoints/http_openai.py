@@ -1,0 +1,103 @@
+"""OpenAI-compatible routes: `POST /v1/chat/completions` (streamed or not) and `GET /v1/models`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dsproxy.adapters.upstream import StreamChunk
+from dsproxy.entrypoints.http_api import (
+    Backend,
+    MeteredStreamResponse,
+    authenticate,
+    charge_headers,
+    error_body,
+    json_response,
+    read_json,
+    run_admitted,
+)
+from dsproxy.errors import UpstreamError
+from dsproxy.handlers.chat import Charge, ChatRequest, ChatStream, UserTicket
+
+__all__ = ["OpenAIStreamRender", "routes"]
+
+
+class OpenAIStreamRender:
+    """`data: <chunk>` events, then (if asked) a usage chunk with the charge, then `[DONE]`."""
+
+    def __init__(self, request: ChatRequest, stream: ChatStream) -> None:
+        self.request, self.stream = request, stream
+        self._head: dict[str, Any] = {"object": "chat.completion.chunk", "model": request.model}
+
+    def chunk(self, chunk: StreamChunk) -> bytes | None:
+        if "id" in chunk.data and "id" not in self._head:
+            self._head.update(id=chunk.data["id"], created=chunk.data.get("created", 0))
+        raw = chunk.raw or orjson.dumps(chunk.data)
+        return b"data: " + raw + b"\n\n"
+
+    async def end(self, charge: Charge, error: UpstreamError | None) -> bytes:
+        if error is not None:
+            _, body = error_body(error)
+            return b"data: " + orjson.dumps(body) + b"\n\n"
+        tail = b""
+        if self.request.include_usage:
+            usage = charge.usage
+            total = usage.prompt_tokens + usage.completion_tokens
+            final = {
+                **self._head,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": total,
+                },
+                "dsproxy": _charge_json(charge),
+            }
+            tail = b"data: " + orjson.dumps(final) + b"\n\n"
+        return tail + b"data: [DONE]\n\n"
+
+    async def aborted(self, charge: Charge) -> None:
+        return None
+
+
+def _charge_json(charge: Charge) -> dict[str, Any]:
+    return {
+        "tokens_charged": charge.tokens_charged,
+        "balance": charge.balance,
+        "available": charge.available,
+    }
+
+
+def routes(backend: Backend) -> list[Route]:
+    async def chat_completions(request: Request) -> Response | MeteredStreamResponse:
+        user = await authenticate(request, backend)
+        body = await read_json(request, backend.settings.request_bytes_max)
+        chat = await backend.chats.prepare(body)
+
+        async def work(ticket: UserTicket) -> Response | MeteredStreamResponse:
+            if chat.stream:
+                stream = await backend.chats.stream(user, chat)
+                held = {"x-dsproxy-tokens-held": str(stream.hold.tokens)}
+                return MeteredStreamResponse(stream, OpenAIStreamRender(chat, stream), ticket, held)
+            answer, charge = await backend.chats.complete(user, chat)
+            answer["dsproxy"] = _charge_json(charge)
+            return json_response(answer, headers=charge_headers(charge))
+
+        return await run_admitted(backend, user, work)
+
+    async def models(request: Request) -> Response:
+        await authenticate(request, backend)
+        data = [
+            {"id": model, "object": "model", "created": 0, "owned_by": "dsproxy"}
+            for model in backend.catalog.models
+        ]
+        return json_response({"object": "list", "data": data})
+
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ]

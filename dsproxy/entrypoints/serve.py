@@ -1,0 +1,197 @@
+"""`dsproxy-serve` (and `dsproxy serve`): the backend, an OpenAI-compatible metered proxy.
+
+One asyncio loop runs the HTTP API (Starlette on uvicorn) beside the node (ingest, projector
+and outbox). Start-up closes holds a crash left open before the first request is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from dsproxy.config import Settings
+from dsproxy.entrypoints import http_accounts, http_dapp, http_openai
+from dsproxy.entrypoints.http_api import (
+    Backend,
+    CountRequests,
+    close_backend,
+    error_response,
+    json_response,
+    open_backend,
+)
+from dsproxy.errors import DsproxyError
+
+__all__ = ["add_commands", "build_app", "main", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def build_app(backend: Backend) -> ASGIApp:
+    """The ASGI app of one backend: every route, OpenAI-shaped errors, request metrics."""
+
+    async def healthz(request: Request) -> Response:
+        ledger = backend.node.ledger
+        return json_response(
+            {
+                "status": "ok",
+                "store_position": await ledger.store.max_position(),
+                "projection_position": await ledger.db.position(),
+            }
+        )
+
+    async def metrics(request: Request) -> Response:
+        await backend.metrics.refresh(backend)
+        return Response(backend.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def our_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, DsproxyError), exc
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException), exc
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = {"error": {"message": exc.detail, "type": kind, "param": None, "code": None}}
+        return json_response(body, exc.status_code)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        body = {"error": {"message": "internal error", "type": "server_error"}}
+        body["error"].update(param=None, code=None)
+        return json_response(body, 500)
+
+    routes = [
+        *http_openai.routes(backend),
+        *http_accounts.routes(backend),
+        *http_dapp.routes(backend),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            DsproxyError: our_error,
+            HTTPException: http_error,
+            Exception: server_error,
+        },
+    )
+    return CountRequests(app, backend.metrics)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    on_started: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until `stop` is set or a signal arrives; `on_started(port)` once listening."""
+    backend = await open_backend(settings)
+    try:
+        config = uvicorn.Config(
+            build_app(backend),
+            host=settings.http_host,
+            port=settings.http_port,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+        server = uvicorn.Server(config)
+        node_stop = asyncio.Event()
+        node = asyncio.create_task(backend.node.run(node_stop), name="node")
+        http = asyncio.create_task(server.serve(), name="http")
+        watchers = [asyncio.create_task(_report_started(server, on_started))]
+        if stop is not None:
+            watchers.append(asyncio.create_task(_stop_when(stop, server)))
+        try:
+            done, _ = await asyncio.wait({node, http}, return_when=asyncio.FIRST_COMPLETED)
+            if node in done and node.exception() is not None:
+                raise node.exception()  # type: ignore[misc]
+        finally:
+            server.should_exit = True
+            node_stop.set()
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(http, node, *watchers, return_exceptions=True)
+    finally:
+        await close_backend(backend)
+
+
+async def _report_started(server: uvicorn.Server, on_started: Callable[[int], None] | None) -> None:
+    while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    log.warning("dsproxy backend listening on port %d", port)
+    if on_started is not None:
+        on_started(port)
+
+
+async def _stop_when(stop: asyncio.Event, server: uvicorn.Server) -> None:
+    await stop.wait()
+    server.should_exit = True
+
+
+def _run(coroutine: Any) -> None:
+    """asyncio.run, on uvloop when it is installed."""
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(coroutine)
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    changes = {"http_host": args.host, "http_port": args.port}
+    settings = settings.replace(**{k: v for k, v in changes.items() if v is not None})
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(serve(settings))
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve the metered OpenAI-compatible API (the backend)"
+    )
+    parser.add_argument("--host", help="listen address (or DSPROXY_HTTP_HOST)")
+    parser.add_argument("--port", type=int, help="listen port (or DSPROXY_HTTP_PORT)")
+    parser.set_defaults(run=run_serve)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`dsproxy-serve [--config F] [--data-dir D] [--host H] [--port P]`."""
+    from dsproxy.entrypoints import cli
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    globals_: list[str] = []
+    rest: list[str] = []
+    takes_value = {"--config", "--data-dir", "--log-level"}
+    index = 0
+    while index < len(args):
+        name = args[index].split("=", 1)[0]
+        target = globals_ if name in takes_value else rest
+        target.append(args[index])
+        if name in takes_value and "=" not in args[index] and index + 1 < len(args):
+            target.append(args[index + 1])
+            index += 1
+        index += 1
+    return cli.main([*globals_, "serve", *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

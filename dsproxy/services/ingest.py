@@ -1,0 +1,387 @@
+"""Ingest: relay -> door (verify, address, size, JSON) -> event store, resuming from a checkpoint.
+
+One session task per relay connects, subscribes to live events, then reads history from its
+checkpoint minus `history_overlap_s` (relays accept skewed `created_at`; many events share a
+second) and reports `CaughtUp`. A lost connection ends the session; the next one, after a
+backoff, starts again from the checkpoint. Sessions feed one bounded queue; one worker verifies
+a batch, appends it (the store drops duplicates by id), wakes the projector and only then moves
+the checkpoint. The checkpoint of a relay (the newest `created_at` stored from it, never ahead of
+the clock) moves only once its session has caught up, because history arrives newest first: a
+crash half-way through history must re-read all of it. So no event is skipped, and none is
+applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+from attrs import define, field, frozen
+
+from dsproxy.adapters.event_store import AsyncEventStore
+from dsproxy.adapters.relay import RelayConnection, RelayUnavailable, fetch_history, session_filter
+from dsproxy.domain.publication import Outcome, Publication, retry_delay_ms
+from dsproxy.errors import InvalidEvent, StoreError
+from dsproxy.wire.envelope import Address
+from dsproxy.wire.event import NostrEvent, verify_event
+
+__all__ = [
+    "CaughtUp",
+    "CheckpointDb",
+    "FetchReport",
+    "Incoming",
+    "Ingest",
+    "IngestLimits",
+    "IngestStats",
+    "Refusal",
+    "SessionStarted",
+    "admit",
+    "fetch_into_store",
+]
+
+log = logging.getLogger(__name__)
+
+
+@frozen
+class Refusal:
+    """Why an event was refused at the door; `kind` is the counter it goes to."""
+
+    kind: str
+    reason: str
+
+
+def admit(
+    obj: dict[str, Any] | str | bytes, address: Address, content_bytes_max: int
+) -> NostrEvent | Refusal:
+    """Pure door: a fully verified event of our session, or why not."""
+    try:
+        event = verify_event(obj)
+    except InvalidEvent as exc:
+        return Refusal("invalid_event", str(exc))
+    if not address.matches(event):
+        return Refusal(
+            "off_session",
+            f"event {event.id}: kind {event.kind}, s={event.tag('s')!r}, p={event.tag('p')!r}",
+        )
+    size = len(event.content.encode())
+    if size > content_bytes_max:
+        return Refusal(
+            "oversized", f"event {event.id}: content is {size} bytes, over {content_bytes_max}"
+        )
+    try:
+        orjson.loads(event.content)
+    except orjson.JSONDecodeError:
+        return Refusal("invalid_json", f"event {event.id}: content is not JSON")
+    return event
+
+
+def _admit_all(
+    objs: Sequence[dict[str, Any]], address: Address, content_bytes_max: int
+) -> list[NostrEvent | Refusal]:
+    return [admit(obj, address, content_bytes_max) for obj in objs]
+
+
+@frozen
+class Incoming:
+    relay: str
+    obj: dict[str, Any]
+
+
+@frozen
+class SessionStarted:
+    relay: str
+
+
+@frozen
+class CaughtUp:
+    relay: str
+
+
+QueueItem = Incoming | SessionStarted | CaughtUp
+
+
+@frozen
+class IngestLimits:
+    """Every bound of the ingest, in one place (see Settings for the defaults)."""
+
+    queue_len_max: int = 10_000
+    batch_events_max: int = 2_000
+    events_per_page_max: int = 500
+    content_bytes_max: int = 65_536
+    history_overlap_s: int = 300
+    relay_timeout_s: float = 10.0
+    retry_ms_min: int = 200
+    retry_ms_max: int = 30_000
+    status_poll_s: float = 0.25
+
+
+@define
+class IngestStats:
+    """Counters since start, for logs, tests and `dsproxy node` output."""
+
+    received: int = 0
+    appended: int = 0
+    duplicates: int = 0
+    refused: Counter[str] = field(factory=Counter)
+    sessions: int = 0
+    overflowed_pages: int = 0
+
+
+class CheckpointDb:
+    """The newest `created_at` stored from each relay, in a small SQLite file."""
+
+    def __init__(self, connection: aiosqlite.Connection) -> None:
+        self._db = connection
+
+    @classmethod
+    async def open(cls, path: Path) -> CheckpointDb:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = await aiosqlite.connect(path, isolation_level=None)
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute(
+                "CREATE TABLE IF NOT EXISTS checkpoints "
+                "(relay TEXT PRIMARY KEY, created_at INTEGER NOT NULL) WITHOUT ROWID"
+            )
+        except (aiosqlite.Error, OSError) as exc:
+            raise StoreError(f"cannot open checkpoints {str(path)!r}: {exc}") from exc
+        return cls(connection)
+
+    async def get(self, relay: str) -> int | None:
+        async with self._db.execute(
+            "SELECT created_at FROM checkpoints WHERE relay = ?", (relay,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else int(row[0])
+
+    async def all(self) -> dict[str, int]:
+        async with self._db.execute("SELECT relay, created_at FROM checkpoints") as cursor:
+            return {str(relay): int(at) async for relay, at in cursor}
+
+    async def put(self, relay: str, created_at: int) -> None:
+        """Move forward only: a checkpoint never goes back."""
+        try:
+            await self._db.execute(
+                "INSERT INTO checkpoints (relay, created_at) VALUES (?, ?) ON CONFLICT (relay) "
+                "DO UPDATE SET created_at = max(created_at, excluded.created_at)",
+                (relay, created_at),
+            )
+        except aiosqlite.Error as exc:
+            raise StoreError(f"could not save the checkpoint of {relay}: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+@define
+class _RelayState:
+    caught_up: bool = False
+    newest: int = 0
+    dirty: bool = False
+
+
+class Ingest:
+    """Relay sessions feeding one worker that verifies, stores and checkpoints."""
+
+    def __init__(
+        self,
+        store: AsyncEventStore,
+        checkpoints: CheckpointDb,
+        address: Address,
+        *,
+        limits: IngestLimits = IngestLimits(),
+        on_appended: Callable[[], None] = lambda: None,
+        own_pubkey: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store, self.checkpoints, self.address = store, checkpoints, address
+        self.limits = limits
+        self.on_appended = on_appended
+        self.own_pubkey = own_pubkey
+        self.clock = clock
+        self.stats = IngestStats()
+        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize=limits.queue_len_max)
+        self._relays: dict[str, _RelayState] = {}
+        self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-verify")
+
+    async def _on_live(self, relay: str, obj: dict[str, Any]) -> None:
+        await self.queue.put(Incoming(relay, obj))
+
+    async def run_session(self, url: str) -> None:
+        """Keep one relay connected forever: connect, subscribe, read history, wait, repeat."""
+        attempt = 0
+        while True:
+            connection = RelayConnection(
+                url, timeout_s=self.limits.relay_timeout_s, on_live=self._on_live
+            )
+            try:
+                await connection.open()
+                self.stats.sessions += 1
+                await self.queue.put(SessionStarted(url))
+                # Live first, then history: nothing can fall between the two.
+                await connection.subscribe_live(session_filter(self.address, limit=1))
+                checkpoint = await self.checkpoints.get(url)
+                since = (
+                    0 if checkpoint is None else max(0, checkpoint - self.limits.history_overlap_s)
+                )
+                async for page in fetch_history(
+                    connection, self.address, since, self.limits.events_per_page_max
+                ):
+                    self.stats.overflowed_pages += page.overflowed
+                    for obj in page.events:
+                        await self.queue.put(Incoming(url, obj))
+                await self.queue.put(CaughtUp(url))
+                log.info("%s: caught up from %s", url, since)
+                attempt = 0
+                reason = await connection.wait_lost(self.limits.status_poll_s)
+                log.warning("%s: connection lost (%s); reconnecting", url, reason)
+            except RelayUnavailable as exc:
+                log.warning("%s: %s", url, exc)
+            finally:
+                await connection.close()
+            delay_ms = retry_delay_ms(
+                attempt, self.limits.retry_ms_min, self.limits.retry_ms_max, random.uniform(0.5, 1)
+            )
+            attempt += 1
+            await asyncio.sleep(delay_ms / 1000)
+
+    async def run(self) -> None:
+        """The worker: take what is queued (up to a batch), process it, repeat."""
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.limits.batch_events_max and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                await self.process(batch)
+            finally:
+                for _ in batch:
+                    self.queue.task_done()
+
+    async def process(self, batch: Sequence[QueueItem]) -> None:
+        """Verify, append, wake the projector, then move checkpoints (in that order)."""
+        incoming = [item for item in batch if isinstance(item, Incoming)]
+        verdicts = await asyncio.get_running_loop().run_in_executor(
+            self._verifier,
+            _admit_all,
+            [item.obj for item in incoming],
+            self.address,
+            self.limits.content_bytes_max,
+        )
+        self.stats.received += len(incoming)
+        admitted: list[NostrEvent] = []
+        source: dict[str, str] = {}
+        for item, verdict in zip(incoming, verdicts, strict=True):
+            if isinstance(verdict, Refusal):
+                self.stats.refused[verdict.kind] += 1
+                log.warning("refused an event from %s: %s", item.relay, verdict.reason)
+            else:
+                admitted.append(verdict)
+                source.setdefault(verdict.id, item.relay)
+        if admitted:
+            outcome = await self.store.append_nostr(admitted)
+            self.stats.appended += len(outcome.appended)
+            self.stats.duplicates += len(outcome.duplicates)
+            await self._acknowledge_own(
+                admitted, {event_id for _, event_id in outcome.appended}, source
+            )
+            if outcome.appended:
+                self.on_appended()
+        await self._advance(batch, verdicts)
+
+    async def _acknowledge_own(
+        self, admitted: Sequence[NostrEvent], appended: set[str], source: dict[str, str]
+    ) -> None:
+        """Our own events that came back from a relay are published: tell the outbox."""
+        if self.own_pubkey is None:
+            return
+        facts = [
+            Publication.record(
+                event.id, Outcome.ACKNOWLEDGED, [source[event.id]], "received from relay"
+            )
+            for event in admitted
+            if event.pubkey == self.own_pubkey and event.id in appended
+        ]
+        if facts:
+            await self.store.save(*facts)
+
+    async def _advance(
+        self, batch: Sequence[QueueItem], verdicts: Sequence[NostrEvent | Refusal]
+    ) -> None:
+        verdict_of = iter(verdicts)
+        for item in batch:
+            if isinstance(item, SessionStarted):
+                self._relays[item.relay] = _RelayState()
+                continue
+            state = self._relays.setdefault(item.relay, _RelayState())
+            if isinstance(item, CaughtUp):
+                state.caught_up = state.dirty = True
+                continue
+            verdict = next(verdict_of)
+            if isinstance(verdict, NostrEvent) and verdict.created_at > state.newest:
+                state.newest, state.dirty = verdict.created_at, True
+        now = int(self.clock())
+        for relay, state in self._relays.items():
+            if state.caught_up and state.dirty and state.newest:
+                await self.checkpoints.put(relay, min(state.newest, now))
+                state.dirty = False
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far is stored."""
+        await self.queue.join()
+
+    def close(self) -> None:
+        self._verifier.shutdown(wait=True)
+
+
+@frozen
+class FetchReport:
+    """What a one-off history fetch stored."""
+
+    received: int
+    appended: int
+    duplicates: int
+    refused: tuple[tuple[str, int], ...]
+
+
+async def fetch_into_store(
+    url: str,
+    store: AsyncEventStore,
+    address: Address,
+    *,
+    since: int = 0,
+    limits: IngestLimits = IngestLimits(),
+    progress: Callable[[int], None] | None = None,
+) -> FetchReport:
+    """Page the whole history of the session from one relay into the store (for `replay`)."""
+    connection = RelayConnection(url, timeout_s=limits.relay_timeout_s)
+    await connection.open()
+    received = appended = duplicates = 0
+    refused: Counter[str] = Counter()
+    try:
+        async for page in fetch_history(connection, address, since, limits.events_per_page_max):
+            verdicts = await asyncio.to_thread(
+                _admit_all, list(page.events), address, limits.content_bytes_max
+            )
+            good = [verdict for verdict in verdicts if isinstance(verdict, NostrEvent)]
+            for verdict in verdicts:
+                if isinstance(verdict, Refusal):
+                    refused[verdict.kind] += 1
+                    log.warning("refused an event from %s: %s", url, verdict.reason)
+            outcome = await store.append_nostr(good)
+            received += len(verdicts)
+            appended += len(outcome.appended)
+            duplicates += len(outcome.duplicates)
+            if progress is not None:
+                progress(len(verdicts))
+    finally:
+        await connection.close()
+    return FetchReport(received, appended, duplicates, tuple(sorted(refused.items())))

@@ -1,0 +1,228 @@
+"""The outbox: publish every stored event of our own key, in store order, until a relay has it.
+
+Whoever makes an event signs it and appends it to the store first; that is all. The outbox
+projection (a FactProjection written with the balances, so it survives restarts and rebuilds)
+lists our own events and folds the `Publication` facts about them into the `outbox` table. The
+outbox takes the oldest pending event, publishes it to every relay and waits: one event at a time,
+because the DePHY relay may chain one key's events. An acknowledgement or a permanent rejection
+is recorded as a fact; a transient rejection is recorded and retried with backoff; an outage is
+only waited out. A crash between the relay's OK and the fact means one more publish, which the
+relay answers with OK (or `duplicate:`): the same event, the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import orjson
+from attrs import define, frozen
+
+from dsproxy.adapters.event_store import AsyncEventStore, StoredRecord
+from dsproxy.adapters.projection_db import ProjectionDb
+from dsproxy.domain.publication import (
+    Acknowledged,
+    Failed,
+    Outcome,
+    Publication,
+    RelayResult,
+    RetryLater,
+    decide_publication,
+    retry_delay_ms,
+)
+from dsproxy.services.projector import Projector
+from dsproxy.wire.event import NostrEvent, parse_event
+
+__all__ = [
+    "Outbox",
+    "OutboxLimits",
+    "OutboxProjection",
+    "OutboxRow",
+    "OutboxStats",
+    "Publisher",
+    "list_outbox",
+]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    event_id TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    rejections INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    relays TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS outbox_by_status ON outbox (status, position);
+"""
+_INSERT = "INSERT OR IGNORE INTO outbox (event_id, position, created_at, event) VALUES (?, ?, ?, ?)"
+# A fact only changes a pending row: a late transient rejection cannot undo an acknowledgement.
+_RECORD = (
+    "UPDATE outbox SET "
+    "status = CASE WHEN ? = 'rejected' THEN 'pending' ELSE ? END, "
+    "rejections = rejections + (? = 'rejected'), reason = ?, relays = ? "
+    "WHERE event_id = ? AND status = 'pending'"
+)
+_COLUMNS = "event_id, position, created_at, event, status, rejections, reason, relays"
+
+
+class OutboxProjection:
+    """Our own events and the Publication facts about them, folded into `outbox`.
+
+    The schema names the key, so a node that changes its key rebuilds the table.
+    """
+
+    def __init__(self, author: str) -> None:
+        self.author = author
+        self.schema = f"-- the outbox of {author}\n{_SCHEMA}"
+        # The store writes events with fixed separators; inside JSON strings quotes are escaped,
+        # so this byte string can only be the top-level pubkey.
+        self._marker = f'"pubkey":"{author}"'.encode()
+
+    def changes(self, records: Sequence[StoredRecord]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        for record in records:
+            if record.is_nostr:
+                if self._marker in record.state:
+                    obj = orjson.loads(record.state)
+                    inserts.append(
+                        (obj["id"], record.position, obj["created_at"], record.state.decode())
+                    )
+            elif isinstance(record.fact, Publication.Recorded):
+                fact: Any = record.fact
+                outcome = fact.outcome
+                relays = json.dumps(list(fact.relays))
+                updates.append((outcome, outcome, outcome, fact.reason, relays, fact.event_id))
+        return [(_INSERT, inserts), (_RECORD, updates)]
+
+
+@frozen
+class OutboxRow:
+    event_id: str
+    position: int
+    created_at: int
+    event: str
+    status: str
+    rejections: int
+    reason: str
+    relays: str
+
+
+async def list_outbox(
+    db: ProjectionDb, statuses: Sequence[str] = ("pending", "failed"), limit: int = 1_000
+) -> list[OutboxRow]:
+    """Rows in store order with one of these statuses."""
+    marks = ",".join("?" * len(statuses))
+    rows = await db.fetch_all(
+        f"SELECT {_COLUMNS} FROM outbox WHERE status IN ({marks}) ORDER BY position LIMIT ?",
+        (*statuses, limit),
+    )
+    return [OutboxRow(*row) for row in rows]
+
+
+class Publisher(Protocol):
+    """Sends one event to every relay and reports each relay's answer."""
+
+    @property
+    def relays_total(self) -> int: ...
+
+    async def publish(self, event: NostrEvent) -> tuple[RelayResult, ...]: ...
+
+
+@frozen
+class OutboxLimits:
+    page_max: int = 100
+    rejections_max: int = 20
+    retry_ms_min: int = 200
+    retry_ms_max: int = 30_000
+    idle_s: float = 0.25
+
+
+@define
+class OutboxStats:
+    acknowledged: int = 0
+    failed: int = 0
+    rejections: int = 0
+    attempts: int = 0
+
+
+class Outbox:
+    """Publishes pending rows one at a time, oldest first; `run()` forever."""
+
+    def __init__(
+        self,
+        store: AsyncEventStore,
+        projector: Projector,
+        publisher: Publisher,
+        *,
+        limits: OutboxLimits = OutboxLimits(),
+    ) -> None:
+        self.store, self.projector, self.publisher = store, projector, publisher
+        self.limits = limits
+        self.stats = OutboxStats()
+
+    async def pending(self) -> list[OutboxRow]:
+        return await list_outbox(self.projector.db, ("pending",), self.limits.page_max)
+
+    async def run(self) -> None:
+        while True:
+            seen = await self.projector.db.position()
+            rows = await self.pending()
+            for row in rows:
+                await self.settle(row)
+            if not rows:
+                await self._wait_for_change(seen)
+
+    async def _wait_for_change(self, seen: int) -> None:
+        """Until the projection moves past `seen` (the wake-up is taken before the check, so a
+        catch-up that ends just before we wait is not missed), or `idle_s`."""
+        fired = self.projector.applied.next()
+        if await self.projector.db.position() != seen:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.limits.idle_s):  # wait_for can eat a cancel on 3.11
+                await fired.wait()
+
+    async def settle(self, row: OutboxRow) -> None:
+        """Publish one event until it is acknowledged or fails for good; record the outcome."""
+        event = parse_event(row.event)
+        rejections, attempt = row.rejections, 0
+        while True:
+            results = await self.publisher.publish(event)
+            self.stats.attempts += 1
+            decision = decide_publication(
+                results, self.publisher.relays_total, rejections, self.limits.rejections_max
+            )
+            if isinstance(decision, Acknowledged):
+                fact = Publication.record(event.id, Outcome.ACKNOWLEDGED, decision.relays, "")
+                self.stats.acknowledged += 1
+                break
+            if isinstance(decision, Failed):
+                fact = Publication.record(event.id, Outcome.FAILED, [], decision.reason)
+                self.stats.failed += 1
+                log.error("event %s will not be published: %s", event.id, decision.reason)
+                break
+            assert isinstance(decision, RetryLater), decision
+            if decision.rejection is not None:
+                rejections += 1
+                self.stats.rejections += 1
+                await self.store.save(
+                    Publication.record(event.id, Outcome.REJECTED, [], decision.rejection)
+                )
+            log.warning("event %s not published yet (%s); retrying", event.id, decision.reason)
+            delay_ms = retry_delay_ms(
+                attempt, self.limits.retry_ms_min, self.limits.retry_ms_max, random.uniform(0.5, 1)
+            )
+            attempt += 1
+            await asyncio.sleep(delay_ms / 1000)
+        await self.store.save(fact)
+        await self.projector.catch_up()  # the row leaves `pending` before the next query

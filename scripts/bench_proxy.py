@@ -1,0 +1,195 @@
+"""Proxy overhead: the same chats sent to the demo model directly and through dsproxy-serve.
+
+Both servers run as their own processes (as in production); metering is on (every chat takes a
+hold, then records and appends its debit). Prints latency percentiles, the latency the proxy
+adds, and the throughput ratio, at concurrency 1 and 32.
+
+    python scripts/bench_proxy.py [--requests 400] [--stream]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from solders.keypair import Keypair
+
+from dsproxy.adapters.event_store import EventStore
+from dsproxy.wire.envelope import Address, seal
+from dsproxy.wire.event import public_key_of
+from dsproxy.wire.messages import Transaction
+
+CONTROLLER_SECRET = "c1" * 32
+BACKEND_SECRET = "b1" * 32
+MACHINE = public_key_of("3a" * 32)
+SESSION = "dephy-dsproxy-controller"
+GOALS = "goals: added p50 <= 2 ms, added p99 <= 10 ms, throughput >= 50% of direct"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{url}: the server exited")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not start")
+
+
+def start_servers(data_dir: Path) -> tuple[list[subprocess.Popen[bytes]], str, str]:
+    upstream_port, proxy_port = free_port(), free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "dsproxy.demo.upstream_model", "--port", str(upstream_port)]
+    )
+    upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+    wait_ready(upstream_url + "/models", upstream)
+    key_file = data_dir.parent / "backend.key"
+    key_file.write_text(BACKEND_SECRET)
+    key_file.chmod(0o600)
+    env = {
+        **os.environ,
+        "DSPROXY_DATA_DIR": str(data_dir),
+        "DSPROXY_MACHINE_PUBKEY": MACHINE,
+        "DSPROXY_TRUSTED_CONTROLLERS": public_key_of(CONTROLLER_SECRET),
+        "DSPROXY_TRUSTED_BACKENDS": public_key_of(BACKEND_SECRET),
+        "DSPROXY_NOSTR_KEY_FILE": str(key_file),
+        "DSPROXY_UPSTREAM_URL": upstream_url,
+        "DSPROXY_HTTP_PORT": str(proxy_port),
+        "DSPROXY_REQUESTS_PER_MINUTE_MAX": "100000000",
+        "DSPROXY_CONCURRENT_REQUESTS_MAX": "10000",
+    }
+    proxy = subprocess.Popen([sys.executable, "-m", "dsproxy.entrypoints.serve"], env=env)
+    proxy_url = f"http://127.0.0.1:{proxy_port}"
+    wait_ready(proxy_url + "/healthz", proxy)
+    return [upstream, proxy], upstream_url, proxy_url
+
+
+def credit(data_dir: Path, user: str, tokens: int) -> None:
+    store = EventStore(data_dir / "events.sqlite")
+    try:
+        store.append_nostr(
+            [seal(Transaction(user, tokens), Address(SESSION, MACHINE), CONTROLLER_SECRET)]
+        )
+    finally:
+        store.close()
+
+
+async def api_key(proxy_url: str, wallet: Keypair) -> str:
+    async with httpx.AsyncClient(base_url=proxy_url) as http:
+        user = str(wallet.pubkey())
+        message = (await http.post("/v1/auth/challenge", json={"user_pubkey": user})).json()
+        text = message["message"]
+        import base64
+
+        signature = base64.b64encode(bytes(wallet.sign_message(text.encode()))).decode()
+        login = await http.post(
+            "/v1/auth/login", json={"user_pubkey": user, "message": text, "signature": signature}
+        )
+        token = login.json()["token"]
+        created = await http.post(
+            "/v1/api-keys", json={"name": "bench"}, headers={"Authorization": f"Bearer {token}"}
+        )
+        return str(created.json()["key"])
+
+
+async def run(base_url: str, key: str, requests: int, concurrency: int, stream: bool) -> dict:
+    body = {
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "benchmark [[words:12]]"}],
+        "stream": stream,
+    }
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(requests):
+        queue.put_nowait(index)
+
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as http:
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                started = time.perf_counter()
+                if stream:
+                    async with http.stream(
+                        "POST", "/chat/completions", json=body, headers=headers
+                    ) as response:
+                        async for _ in response.aiter_bytes():
+                            pass
+                else:
+                    response = await http.post("/chat/completions", json=body, headers=headers)
+                assert response.status_code == 200, response.status_code
+                latencies.append(time.perf_counter() - started)
+
+        for _ in range(min(concurrency, 8)):  # warm connections and caches
+            await http.post("/chat/completions", json={**body, "stream": False}, headers=headers)
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "rps": requests / elapsed,
+    }
+
+
+async def bench(requests: int, stream: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        data_dir.mkdir()
+        wallet = Keypair.from_seed(bytes([42]) * 32)
+        credit(data_dir, str(wallet.pubkey()), 10**12)
+        processes, upstream_url, proxy_url = start_servers(data_dir)
+        try:
+            key = await api_key(proxy_url, wallet)
+            kind = "streamed" if stream else "non-streamed"
+            print(f"{requests} {kind} chats per run; {os.cpu_count()} CPUs; {GOALS}")
+            for concurrency in (1, 32):
+                direct = await run(upstream_url, "unused", requests, concurrency, stream)
+                proxied = await run(proxy_url + "/v1", key, requests, concurrency, stream)
+                print(
+                    f"concurrency {concurrency:>2}: "
+                    f"direct p50 {direct['p50_ms']:.2f} ms p99 {direct['p99_ms']:.2f} ms "
+                    f"{direct['rps']:.0f} req/s | proxy p50 {proxied['p50_ms']:.2f} ms "
+                    f"p99 {proxied['p99_ms']:.2f} ms {proxied['rps']:.0f} req/s | "
+                    f"added p50 {proxied['p50_ms'] - direct['p50_ms']:+.2f} ms "
+                    f"p99 {proxied['p99_ms'] - direct['p99_ms']:+.2f} ms | "
+                    f"throughput ratio {proxied['rps'] / direct['rps']:.2f}"
+                )
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--stream", action="store_true", help="streamed chats")
+    args = parser.parse_args()
+    asyncio.run(bench(args.requests, args.stream))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Challenge login, API keys, balance and ledger over HTTP; replays, expiry, revocation fail."""
+
+# ruff: noqa: F811 (pytest fixtures are imported by name, then requested by name)
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from dsproxy.config import Settings, load_settings
+from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
+    PUBLIC_URL,
+    USER_KEYS,
+    WAIT_S_MAX,
+    backend_env,
+    backend_in_thread,
+    backend_settings,
+    backend_url,
+    balance,
+    bearer,
+    challenge,
+    client,
+    create_api_key,
+    credit,
+    demo_model,
+    demo_url,
+    login,
+    sign,
+    tokenizer,
+)
+
+WALLET = USER_KEYS[0]
+USER = str(WALLET.pubkey())
+
+
+async def try_login(
+    client: httpx.AsyncClient, message: str, signature: str, path: str = "/v1/auth/login"
+) -> httpx.Response:
+    body = {"user_pubkey": USER, "message": message, "signature": signature}
+    return await client.post(path, json=body)
+
+
+async def test_a_signed_challenge_gives_a_token_that_works(client: httpx.AsyncClient) -> None:
+    message = await challenge(client, WALLET)
+    assert PUBLIC_URL in message and USER in message
+    response = await try_login(client, message, sign(WALLET, message))
+    assert response.status_code == 200
+    assert set(response.json()) == {"user", "token", "expire_at"}
+    token = response.json()["token"]
+    assert (await balance(client, token)) == {
+        "user": USER,
+        "balance": 0,
+        "held": 0,
+        "available": 0,
+    }
+
+
+async def test_the_dapp_login_route_also_needs_a_challenge(client: httpx.AsyncClient) -> None:
+    unsolicited = f"{PUBLIC_URL} wants you to sign in\nNonce: {'0' * 32}"
+    response = await try_login(client, unsolicited, sign(WALLET, unsolicited), "/user/login")
+    assert response.status_code == 401
+    message = (await client.post("/user/challenge", json={"user_pubkey": USER})).json()["message"]
+    response = await try_login(client, message, sign(WALLET, message), "/user/login")
+    assert response.status_code == 200
+
+
+async def test_a_challenge_cannot_be_replayed(client: httpx.AsyncClient) -> None:
+    message = await challenge(client, WALLET)
+    signature = sign(WALLET, message)
+    assert (await try_login(client, message, signature)).status_code == 200
+    replay = await try_login(client, message, signature)
+    assert replay.status_code == 401
+    assert "already used" in replay.json()["error"]["message"]
+
+
+async def test_a_failed_attempt_burns_the_challenge(client: httpx.AsyncClient) -> None:
+    message = await challenge(client, WALLET)
+    wrong = sign(USER_KEYS[1], message)
+    assert (await try_login(client, message, wrong)).status_code == 401
+    assert (await try_login(client, message, sign(WALLET, message))).status_code == 401
+
+
+async def test_a_challenge_for_another_server_is_refused(client: httpx.AsyncClient) -> None:
+    message = await challenge(client, WALLET)
+    forged = message.replace(PUBLIC_URL, "http://evil.test")
+    response = await try_login(client, forged, sign(WALLET, forged))
+    assert response.status_code == 401
+
+
+async def test_an_expired_challenge_is_refused(node_env: dict[str, str], demo_url: str) -> None:
+    settings = load_settings(backend_env(node_env, demo_url, DSPROXY_CHALLENGE_TTL_S="1"))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            message = await challenge(http, WALLET)
+            await asyncio.sleep(2.1)  # past its expiry, whole seconds
+            response = await try_login(http, message, sign(WALLET, message))
+            assert response.status_code == 401
+            assert "expired" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("user", ["not-base58!", "", 42])
+async def test_a_bad_user_key_is_refused(client: httpx.AsyncClient, user: object) -> None:
+    response = await client.post("/v1/auth/challenge", json={"user_pubkey": user})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "user_pubkey"
+
+
+async def test_api_keys_are_created_listed_and_revoked(
+    client: httpx.AsyncClient, backend_url: str
+) -> None:
+    session = await login(client, WALLET)
+    created = await create_api_key(client, session, "laptop")
+    assert created["key"].startswith("dsk-")
+    listed = (await client.get("/v1/api-keys", headers=bearer(session))).json()["data"]
+    assert [(k["id"], k["name"], k["revoked_at"]) for k in listed] == [
+        (created["id"], "laptop", None)
+    ]
+    assert "key" not in listed[0]  # shown once, stored only hashed
+    async with openai.AsyncOpenAI(
+        base_url=backend_url + "/v1", api_key=created["key"], max_retries=0
+    ) as sdk:
+        assert (await sdk.models.list()).data
+        revoked = await client.delete(f"/v1/api-keys/{created['id']}", headers=bearer(session))
+        assert revoked.status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            await sdk.models.list()
+    again = await client.delete(f"/v1/api-keys/{created['id']}", headers=bearer(session))
+    assert again.status_code == 404
+
+
+async def test_an_api_key_cannot_manage_keys_or_revoke_anothers(
+    client: httpx.AsyncClient,
+) -> None:
+    session = await login(client, WALLET)
+    key = (await create_api_key(client, session))["key"]
+    response = await client.post("/v1/api-keys", json={"name": "x"}, headers=bearer(key))
+    assert response.status_code == 401
+    other_session = await login(client, USER_KEYS[1])
+    other_key = await create_api_key(client, other_session)
+    response = await client.delete(f"/v1/api-keys/{other_key['id']}", headers=bearer(session))
+    assert response.status_code == 404
+    models = await client.get("/v1/models", headers=bearer(other_key["key"]))
+    assert models.status_code == 200
+
+
+async def test_user_and_transactions_show_the_ledger(
+    client: httpx.AsyncClient, backend_settings: Settings
+) -> None:
+    session = await login(client, WALLET)
+    await credit(client, backend_settings, session, USER, 500)
+    user = (await client.get("/user", headers=bearer(session))).json()
+    assert user["public_key"] == USER and user["tokens"] == 500
+    assert user["tokens_consumed"] == 0
+    ledger = (await client.get("/v1/transactions", headers=bearer(session))).json()
+    assert [(entry["tokens"], len(entry["event_id"])) for entry in ledger["data"]] == [(500, 64)]
+    bad = await client.get("/v1/transactions?limit=0", headers=bearer(session))
+    assert bad.status_code == 400

@@ -1,0 +1,373 @@
+"""`/v1/chat/completions` through the official OpenAI SDK and raw HTTP, against the demo model:
+exact charges, every failure mode, bad input and limits."""
+
+# ruff: noqa: F811 (pytest fixtures are imported by name, then requested by name)
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from dsproxy.adapters.tokenizer import Tokenizer
+from dsproxy.config import Settings, load_settings
+from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
+    USER_KEYS,
+    WAIT_S_MAX,
+    backend_env,
+    backend_in_thread,
+    backend_settings,
+    backend_url,
+    balance,
+    bearer,
+    client,
+    create_api_key,
+    demo_model,
+    demo_url,
+    eventually,
+    funded,
+    issued_debits,
+    read_debits,
+    tokenizer,
+)
+
+WALLET = USER_KEYS[0]
+USER = str(WALLET.pubkey())
+
+
+def messages(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def expected_charge(tokenizer: Tokenizer, content: str, completion_text: str) -> int:
+    return tokenizer.count_prompt(messages(content)) + tokenizer.count(completion_text)
+
+
+@pytest.fixture
+async def token(client: httpx.AsyncClient, backend_settings: Settings) -> str:
+    return await funded(client, backend_settings, WALLET, 1_000)
+
+
+@pytest.fixture
+async def sdk(
+    client: httpx.AsyncClient, backend_url: str, token: str
+) -> AsyncIterator[openai.AsyncOpenAI]:
+    key = (await create_api_key(client, token))["key"]
+    async with openai.AsyncOpenAI(base_url=backend_url + "/v1", api_key=key) as sdk_client:
+        yield sdk_client
+
+
+async def post_chat(client: httpx.AsyncClient, token: str, body: Any) -> httpx.Response:
+    return await client.post("/v1/chat/completions", json=body, headers=bearer(token))
+
+
+async def test_sdk_chat_is_charged_its_exact_usage(
+    sdk: openai.AsyncOpenAI,
+    client: httpx.AsyncClient,
+    token: str,
+    backend_settings: Settings,
+    tokenizer: Tokenizer,
+) -> None:
+    raw = await sdk.chat.completions.with_raw_response.create(
+        model="deepseek-chat", messages=messages("hello [[words:6]]")
+    )
+    answer = raw.parse()
+    text = answer.choices[0].message.content or ""
+    assert text == "this is the dsproxy demo model"
+    charged = expected_charge(tokenizer, "hello [[words:6]]", text)
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens + answer.usage.completion_tokens == charged
+    assert raw.headers["x-dsproxy-tokens-charged"] == str(charged)
+    assert raw.headers["x-dsproxy-balance"] == str(1_000 - charged)
+    assert await balance(client, token) == {
+        "user": USER,
+        "balance": 1_000 - charged,
+        "held": 0,
+        "available": 1_000 - charged,
+    }
+    debits = await issued_debits(backend_settings, USER, charged)
+    assert [tokens for _, tokens in debits] == [-charged]
+    ledger = (await client.get("/v1/transactions", headers=bearer(token))).json()["data"]
+    assert [entry["tokens"] for entry in ledger] == [1_000, -charged]
+    assert ledger[1]["event_id"] == debits[0][0]
+
+
+async def test_sdk_stream_ends_with_a_usage_chunk_carrying_the_charge(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
+) -> None:
+    stream = await sdk.chat.completions.create(
+        model="deepseek-chat",
+        messages=messages("hi [[words:5]]"),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "this is the dsproxy demo"
+    charged = expected_charge(tokenizer, "hi [[words:5]]", text)
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is not None
+    assert final.usage.total_tokens == charged
+    extra = final.model_extra or {}
+    assert extra["dsproxy"]["tokens_charged"] == charged
+    assert extra["dsproxy"]["balance"] == 1_000 - charged
+    assert (await balance(client, token))["balance"] == 1_000 - charged
+
+
+async def test_stream_without_include_usage_has_no_usage_chunk_but_is_charged(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
+) -> None:
+    stream = await sdk.chat.completions.create(
+        model="deepseek-chat", messages=messages("hi [[words:3]]"), stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(chunk.usage is None for chunk in chunks)
+    charged = expected_charge(tokenizer, "hi [[words:3]]", "this is the")
+    assert (await balance(client, token))["balance"] == 1_000 - charged
+
+
+async def test_too_little_balance_is_402_and_records_nothing(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, backend_settings: Settings
+) -> None:
+    poor = await funded(client, backend_settings, USER_KEYS[1], 5)
+    response = await post_chat(
+        client, poor, {"model": "deepseek-chat", "messages": messages("a prompt of some length")}
+    )
+    assert response.status_code == 402
+    assert response.headers["x-should-retry"] == "false"
+    assert response.json()["error"]["code"] == "insufficient_balance"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert (await balance(client, poor))["balance"] == 5
+    assert read_debits(backend_settings, str(USER_KEYS[1].pubkey())) == []
+
+
+async def test_a_small_balance_lowers_max_tokens_and_never_goes_below_zero(
+    client: httpx.AsyncClient, backend_settings: Settings
+) -> None:
+    poor = await funded(client, backend_settings, USER_KEYS[1], 25)
+    response = await post_chat(
+        client, poor, {"model": "deepseek-chat", "messages": messages("hi [[words:40]]")}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+    left = await balance(client, poor)
+    assert 0 <= left["balance"] == 25 - int(response.headers["x-dsproxy-tokens-charged"])
+
+
+@pytest.mark.parametrize(
+    ("upstream_status", "status", "code"),
+    [
+        (401, 502, "upstream_unauthorized"),
+        (402, 503, "upstream_quota_exhausted"),
+        (429, 429, "upstream_rate_limited"),
+        (500, 502, "upstream_error"),
+        (503, 502, "upstream_error"),
+        (400, 400, "upstream_rejected"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_errors_before_output_charge_nothing(
+    client: httpx.AsyncClient,
+    token: str,
+    backend_settings: Settings,
+    upstream_status: int,
+    status: int,
+    code: str,
+    stream: bool,
+) -> None:
+    body = {
+        "model": "deepseek-chat",
+        "messages": messages(f"[[fail:{upstream_status}]]"),
+        "stream": stream,
+    }
+    response = await post_chat(client, token, body)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert await balance(client, token) == {
+        "user": USER,
+        "balance": 1_000,
+        "held": 0,
+        "available": 1_000,
+    }
+    assert read_debits(backend_settings, USER) == []
+
+
+async def test_a_stream_cut_by_the_upstream_charges_only_what_was_delivered(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
+) -> None:
+    stream = await sdk.chat.completions.create(
+        model="deepseek-chat", messages=messages("hi [[cut:3]]"), stream=True
+    )
+    received: list[str] = []
+    with pytest.raises(openai.APIError):
+        async for chunk in stream:
+            received.extend(choice.delta.content or "" for choice in chunk.choices)
+    assert "".join(received) == "this is the"
+    charged = expected_charge(tokenizer, "hi [[cut:3]]", "this is the")
+    assert await balance(client, token) == {
+        "user": USER,
+        "balance": 1_000 - charged,
+        "held": 0,
+        "available": 1_000 - charged,
+    }
+
+
+async def test_a_cut_before_any_word_charges_nothing(client: httpx.AsyncClient, token: str) -> None:
+    body = {"model": "deepseek-chat", "messages": messages("hi [[cut:0]]"), "stream": True}
+    response = await post_chat(client, token, body)
+    assert response.status_code == 200
+    assert b'"error"' in response.content and b"[DONE]" not in response.content
+    assert (await balance(client, token))["balance"] == 1_000
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_missing_usage_is_counted_locally(
+    client: httpx.AsyncClient, token: str, tokenizer: Tokenizer, stream: bool
+) -> None:
+    content = "hi [[omit-usage]] [[words:4]]"
+    body = {"model": "deepseek-chat", "messages": messages(content), "stream": stream}
+    response = await post_chat(client, token, body)
+    assert response.status_code == 200
+    charged = expected_charge(tokenizer, content, "this is the dsproxy")
+    assert (await balance(client, token))["balance"] == 1_000 - charged
+
+
+async def test_a_client_disconnect_charges_only_what_was_delivered(
+    backend_url: str, client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
+) -> None:
+    content = "hi [[pause:2]]"
+    body = {"model": "deepseek-chat", "messages": messages(content), "stream": True}
+    words: list[str] = []
+    async with (
+        httpx.AsyncClient(base_url=backend_url, timeout=WAIT_S_MAX) as own,
+        own.stream("POST", "/v1/chat/completions", json=body, headers=bearer(token)) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                delta = orjson.loads(line[6:])["choices"][0]["delta"]
+                words.append(delta.get("content") or "")
+            if "".join(words) == "this is":
+                break  # the model now pauses; leaving closes the connection
+    charged = expected_charge(tokenizer, content, "this is")
+
+    async def settled() -> bool:
+        return (await balance(client, token))["held"] == 0
+
+    await eventually(settled, "the disconnected chat to settle")
+    assert (await balance(client, token))["balance"] == 1_000 - charged
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "no-such-model", "messages": messages("hi")}, 404, "model"),
+        ({"model": "deepseek-chat"}, 400, "messages"),
+        ({"model": "deepseek-chat", "messages": []}, 400, "messages"),
+        ({"model": "deepseek-chat", "messages": [{"content": "x"}]}, 400, "messages[0]"),
+        ({"model": "deepseek-chat", "messages": messages("hi"), "n": 2}, 400, "n"),
+        (
+            {"model": "deepseek-chat", "messages": messages("hi"), "max_tokens": 0},
+            400,
+            "max_tokens",
+        ),
+        ({"model": "deepseek-chat", "messages": messages("hi"), "stream": "yes"}, 400, "stream"),
+        ([1, 2], 400, "body"),
+    ],
+)
+async def test_bad_input_is_an_openai_error_and_changes_nothing(
+    client: httpx.AsyncClient,
+    token: str,
+    backend_settings: Settings,
+    body: Any,
+    status: int,
+    param: str,
+) -> None:
+    response = await post_chat(client, token, body)
+    assert response.status_code == status
+    assert response.json()["error"]["param"] == param
+    assert (await balance(client, token))["balance"] == 1_000
+    assert read_debits(backend_settings, USER) == []
+
+
+async def test_malformed_json_and_oversized_bodies_are_refused(
+    client: httpx.AsyncClient, token: str
+) -> None:
+    response = await client.post(
+        "/v1/chat/completions", content=b"{not json", headers=bearer(token)
+    )
+    assert response.status_code == 400
+    huge = {"model": "deepseek-chat", "messages": messages("x" * 2_000_000)}
+    response = await post_chat(client, token, huge)
+    assert response.status_code == 413
+
+
+async def test_a_prompt_over_the_context_window_is_refused(
+    node_env: dict[str, str], demo_url: str
+) -> None:
+    settings = load_settings(
+        backend_env(node_env, demo_url, DSPROXY_CONTEXT_WINDOWS="deepseek-chat=50")
+    )
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            session = await funded(http, settings, WALLET, 1_000)
+            long_prompt = " ".join(["word"] * 100)
+            response = await post_chat(
+                http, session, {"model": "deepseek-chat", "messages": messages(long_prompt)}
+            )
+            assert response.status_code == 400
+            assert response.json()["error"]["code"] == "context_length_exceeded"
+            assert (await balance(http, session))["balance"] == 1_000
+
+
+async def test_missing_or_wrong_credentials_are_401(client: httpx.AsyncClient) -> None:
+    body = {"model": "deepseek-chat", "messages": messages("hi")}
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 401
+    response = await post_chat(client, "dsk-not-a-key", body)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+async def test_models_lists_the_configured_models(sdk: openai.AsyncOpenAI) -> None:
+    models = await sdk.models.list()
+    assert [model.id for model in models.data] == ["deepseek-chat", "deepseek-reasoner"]
+
+
+async def test_requests_per_minute_are_limited_per_user(
+    node_env: dict[str, str], demo_url: str
+) -> None:
+    settings = load_settings(backend_env(node_env, demo_url, DSPROXY_REQUESTS_PER_MINUTE_MAX="2"))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            session = await funded(http, settings, WALLET, 1_000)
+            other = await funded(http, settings, USER_KEYS[1], 1_000)
+            body = {"model": "deepseek-chat", "messages": messages("hi")}
+            statuses = [(await post_chat(http, session, body)).status_code for _ in range(3)]
+            assert statuses == [200, 200, 429]
+            refused = await post_chat(http, session, body)
+            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+            assert int(refused.headers["retry-after"]) >= 1
+            assert (await post_chat(http, other, body)).status_code == 200
+
+
+async def test_concurrent_requests_are_limited_per_user(
+    node_env: dict[str, str], demo_url: str
+) -> None:
+    settings = load_settings(backend_env(node_env, demo_url, DSPROXY_CONCURRENT_REQUESTS_MAX="1"))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            session = await funded(http, settings, WALLET, 1_000)
+            slow = {"model": "deepseek-chat", "messages": messages("[[pause:1]]"), "stream": True}
+            async with http.stream(
+                "POST", "/v1/chat/completions", json=slow, headers=bearer(session)
+            ) as first:
+                lines = first.aiter_lines()  # kept referenced: the first chat stays open
+                async for line in lines:
+                    if '"this"' in line:
+                        break  # the first chat is now paused, still running
+                body = {"model": "deepseek-chat", "messages": messages("hi")}
+                second = await post_chat(http, session, body)
+                assert second.status_code == 429

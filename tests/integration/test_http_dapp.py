@@ -1,0 +1,127 @@
+"""The dApp's routes: conversations keep history, answers stream as `message`/`done` events,
+history is trimmed to the context window, and another user's conversation is a 404."""
+
+# ruff: noqa: F811 (pytest fixtures are imported by name, then requested by name)
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+
+from dsproxy.adapters.tokenizer import Tokenizer
+from dsproxy.config import Settings, load_settings
+from dsproxy.demo.upstream_model import DemoModel
+from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
+    USER_KEYS,
+    WAIT_S_MAX,
+    backend_env,
+    backend_in_thread,
+    backend_settings,
+    backend_url,
+    balance,
+    bearer,
+    client,
+    demo_model,
+    demo_url,
+    funded,
+    read_debits,
+    tokenizer,
+)
+
+WALLET = USER_KEYS[0]
+
+
+def sse_events(body: bytes) -> list[tuple[str, Any]]:
+    events = []
+    for block in body.decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in lines:
+            events.append((lines["event"], orjson.loads(lines["data"])))
+    return events
+
+
+async def new_conversation(http: httpx.AsyncClient, token: str) -> str:
+    response = await http.post("/conversations", json={"title": "t"}, headers=bearer(token))
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def say(http: httpx.AsyncClient, token: str, conversation_id: str, text: str) -> Any:
+    body = {"conversation_id": conversation_id, "content": text}
+    return await http.post("/messages", json=body, headers=bearer(token))
+
+
+async def test_a_message_streams_its_answer_and_keeps_the_history(
+    client: httpx.AsyncClient, backend_settings: Settings, tokenizer: Tokenizer
+) -> None:
+    token = await funded(client, backend_settings, WALLET, 1_000)
+    conversation = await new_conversation(client, token)
+    response = await say(client, token, conversation, "hello [[words:3]]")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.content)
+    assert [name for name, _ in events] == ["message", "message", "message", "done"]
+    assert "".join(data["content"] for name, data in events[:-1]) == "this is the"
+    done = events[-1][1]
+    prompt = [{"role": "user", "content": "hello [[words:3]]"}]
+    charged = tokenizer.count_prompt(prompt) + tokenizer.count("this is the")
+    assert done["role"] == "assistant" and done["content"] == "this is the"
+    assert done["tokens_charged"] == charged and done["balance"] == 1_000 - charged
+    history = (
+        await client.get(f"/messages?conversation_id={conversation}", headers=bearer(token))
+    ).json()
+    assert [(m["role"], m["content"]) for m in history] == [
+        ("user", "hello [[words:3]]"),
+        ("assistant", "this is the"),
+    ]
+    listed = (await client.get("/conversations", headers=bearer(token))).json()
+    assert [c["id"] for c in listed] == [conversation]
+    user = (await client.get("/user", headers=bearer(token))).json()
+    assert user["tokens"] == 1_000 - charged and user["tokens_consumed"] == charged
+
+
+async def test_another_users_conversation_is_404_and_never_charged(
+    client: httpx.AsyncClient, backend_settings: Settings
+) -> None:
+    owner = await funded(client, backend_settings, WALLET, 1_000)
+    intruder_wallet = USER_KEYS[1]
+    intruder = await funded(client, backend_settings, intruder_wallet, 1_000)
+    conversation = await new_conversation(client, owner)
+    response = await say(client, intruder, conversation, "let me in")
+    assert response.status_code == 404
+    listed = await client.get(f"/messages?conversation_id={conversation}", headers=bearer(intruder))
+    assert listed.status_code == 404
+    assert (await client.get("/conversations", headers=bearer(intruder))).json() == []
+    for token in (owner, intruder):
+        assert (await balance(client, token))["balance"] == 1_000
+    assert read_debits(backend_settings, str(intruder_wallet.pubkey())) == []
+    assert read_debits(backend_settings, str(WALLET.pubkey())) == []
+
+
+async def test_history_is_trimmed_to_the_context_window(
+    node_env: dict[str, str], demo_url: str, demo_model: DemoModel, tokenizer: Tokenizer
+) -> None:
+    extra = {"DSPROXY_CONTEXT_WINDOWS": "deepseek-chat=120"}
+    settings = load_settings(backend_env(node_env, demo_url, **extra))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            token = await funded(http, settings, WALLET, 10_000)
+            conversation = await new_conversation(http, token)
+            for turn in range(6):
+                response = await say(http, token, conversation, f"turn {turn} [[words:8]]")
+                assert sse_events(response.content)[-1][0] == "done"
+            sent = demo_model.last_body["messages"]
+            assert sent[-1] == {"role": "user", "content": "turn 5 [[words:8]]"}
+            assert len(sent) < 11  # older turns were left out
+            budget = 120 - 30  # the window less the answer's reserve
+            assert tokenizer.count_prompt(sent) <= budget
+            charged = sse_events(response.content)[-1][1]["tokens_charged"]
+            assert charged == tokenizer.count_prompt(sent) + tokenizer.count(
+                "this is the dsproxy demo model speaking in"
+            )
+            too_long = " ".join(["word"] * 200)
+            refused = await say(http, token, conversation, too_long)
+            assert refused.status_code == 400
+            assert refused.json()["error"]["code"] == "context_length_exceeded"

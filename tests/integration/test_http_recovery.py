@@ -1,0 +1,108 @@
+"""Start-up recovery of what a crash interrupted: a settled charge is issued and appended exactly
+once, an issued debit is appended exactly once, a hold with no recorded outcome is released."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsproxy.config import Settings, load_settings
+from dsproxy.domain.chat_facts import DebitIssued, HoldOutcome
+from dsproxy.domain.metering import Usage
+from dsproxy.entrypoints.http_api import close_backend, open_backend
+from dsproxy.errors import StoreError
+from dsproxy.wire.envelope import Address, seal
+from dsproxy.wire.messages import Transaction
+from tests.conftest import BACKEND_SECRET
+from tests.integration.upstream_fixtures import (
+    USER_KEYS,
+    append_credit,
+    backend_env,
+    read_debits,
+)
+
+USER = str(USER_KEYS[0].pubkey())
+
+
+def settings_for(node_env: dict[str, str]) -> Settings:
+    return load_settings(backend_env(node_env, "http://127.0.0.1:9/v1"))
+
+
+async def test_a_hold_left_open_by_a_crash_is_released(node_env: dict[str, str]) -> None:
+    settings = settings_for(node_env)
+    append_credit(settings, USER, 100)
+    backend = await open_backend(settings)
+    await backend.meter.take_hold(USER, "deepseek-chat", 10, 50)
+    assert (await backend.meter.view(USER)).held == 60
+    await close_backend(backend)  # as if killed mid-chat: no outcome recorded
+
+    backend = await open_backend(settings)
+    try:
+        view = await backend.meter.view(USER)
+        assert (view.balance, view.held) == (100, 0)
+    finally:
+        await close_backend(backend)
+    assert read_debits(settings, USER) == []
+
+
+async def reopen_and_check(settings: Settings, balance: int) -> None:
+    backend = await open_backend(settings)
+    try:
+        await backend.meter.drain()
+        view = await backend.meter.view(USER)
+        assert (view.balance, view.held) == (balance, 0)
+    finally:
+        await close_backend(backend)
+
+
+async def test_a_charge_settled_but_not_issued_is_issued_once(node_env: dict[str, str]) -> None:
+    settings = settings_for(node_env)
+    append_credit(settings, USER, 100)
+    backend = await open_backend(settings)
+    hold = await backend.meter.take_hold(USER, "deepseek-chat", 10, 50)
+    await backend.meter.store.save(HoldOutcome.settled(hold.chat_id, USER, 25, 10, 15))
+    await close_backend(backend)  # the crash comes before the debit is issued
+
+    for _ in range(2):  # restarting twice must not issue it twice
+        await reopen_and_check(settings, 75)
+    assert [tokens for _, tokens in read_debits(settings, USER)] == [-25]
+
+
+async def test_a_debit_issued_but_not_appended_is_appended_once(
+    node_env: dict[str, str],
+) -> None:
+    settings = settings_for(node_env)
+    append_credit(settings, USER, 100)
+    backend = await open_backend(settings)
+    first = await backend.meter.take_hold(USER, "deepseek-chat", 10, 20)
+    second = await backend.meter.take_hold(USER, "deepseek-chat", 10, 20)
+    address = Address(settings.session, settings.require_machine())
+    debit = seal(Transaction(USER, -40), address, BACKEND_SECRET)
+    await backend.meter.store.save(
+        HoldOutcome.settled(first.chat_id, USER, 25, 10, 15),
+        HoldOutcome.settled(second.chat_id, USER, 15, 10, 5),
+        DebitIssued.issue(
+            USER, 40, debit.id, debit.to_json(), [first.chat_id.hex, second.chat_id.hex]
+        ),
+    )
+    await close_backend(backend)  # the crash comes before the debit is appended
+
+    for _ in range(2):
+        await reopen_and_check(settings, 60)
+    assert read_debits(settings, USER) == [(debit.id, -40)]
+
+
+async def test_settling_twice_is_refused_by_the_store(node_env: dict[str, str]) -> None:
+    settings = settings_for(node_env)
+    append_credit(settings, USER, 100)
+    backend = await open_backend(settings)
+    try:
+        hold = await backend.meter.take_hold(USER, "deepseek-chat", 10, 50)
+        charge = await backend.meter.settle(hold, Usage(10, 5))
+        assert charge.tokens_charged == 15
+        await backend.meter.drain()
+        with pytest.raises(StoreError):  # the store's unique key: one outcome per hold
+            await backend.meter.release(hold, "a second outcome")
+        view = await backend.meter.view(USER)
+        assert (view.balance, view.held) == (85, 0)
+    finally:
+        await close_backend(backend)

@@ -1,0 +1,158 @@
+"""The outbox against a LocalRelay: order, outages, restarts and projection rebuilds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsproxy.adapters.node_keys import load_secret
+from dsproxy.adapters.relay import build_local_relay
+from dsproxy.bootstrap import fact_projections, trust_policy
+from dsproxy.config import Settings
+from dsproxy.services.node import Node
+from dsproxy.services.outbox import list_outbox
+from dsproxy.services.projector import rebuild
+from dsproxy.wire.envelope import Address
+from dsproxy.wire.event import public_key_of
+from tests.integration.relay_fixtures import (
+    Listener,
+    balances,
+    credits,
+    eventually,
+    fetch_ids,
+    free_port,
+    local_relay,
+    node_key,
+    running_node,
+    totals,
+)
+
+__all__ = ["local_relay"]
+
+
+def publishing_settings(node_settings: Settings, tmp_path: Path, relay: str) -> Settings:
+    """A node whose own key is a trusted controller, so its credits move balances."""
+    key_file = node_key(tmp_path)
+    author = public_key_of(load_secret(key_file))
+    return node_settings.replace(
+        relays=(relay,),
+        nostr_key_file=key_file,
+        trusted_controllers=(author,),
+        relay_retry_ms_min=50,
+        relay_retry_ms_max=500,
+    )
+
+
+async def acknowledged(node: Node) -> int:
+    rows = await node.ledger.db.fetch_all(
+        "SELECT COUNT(*) FROM outbox WHERE status = 'acknowledged'"
+    )
+    return int(rows[0][0])
+
+
+async def test_own_events_are_published_in_store_order(
+    local_relay: str, node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """Appended events reach the relay once each, in the order they were stored."""
+    settings = publishing_settings(node_settings, tmp_path, local_relay)
+    secret = load_secret(settings.nostr_key_file)
+    listener = Listener(local_relay, address)
+    await listener.start()
+    try:
+        async with running_node(settings) as node:
+            events = credits(secret, address, 50, per_second=10)
+            await node.append(events)
+
+            async def all_acknowledged() -> bool:
+                return await acknowledged(node) == 50
+
+            await eventually(all_acknowledged, "50 acknowledgements")
+            assert await balances(node) == totals(events)
+            assert await list_outbox(node.ledger.db) == []
+
+        async def heard_all() -> bool:
+            return len(set(listener.ids) & {e.id for e in events}) == 50
+
+        await eventually(heard_all, "the listener to hear all 50")
+    finally:
+        await listener.stop()
+    assert [i for i in listener.ids if i in {e.id for e in events}] == [e.id for e in events]
+
+
+async def test_relay_down_while_producing_then_published_in_order(
+    node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """Events made while no relay answers are published when it returns: in order, same ids."""
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    settings = publishing_settings(node_settings, tmp_path, url)
+    secret = load_secret(settings.nostr_key_file)
+    async with running_node(settings) as node:
+        events = credits(secret, address, 20, per_second=5)
+        await node.append(events)
+
+        async def all_pending() -> bool:
+            return len(await list_outbox(node.ledger.db)) == 20
+
+        await eventually(all_pending, "20 pending events")
+        assert node.outbox is not None and node.outbox.stats.acknowledged == 0
+        assert await balances(node) == totals(events)  # our own facts count at once
+
+        relay = build_local_relay(port=port)
+        await relay.run()
+        listener = Listener(url, address)
+        await listener.start()
+        try:
+
+            async def all_acknowledged() -> bool:
+                return await acknowledged(node) == 20
+
+            await eventually(all_acknowledged, "20 acknowledgements after the outage")
+            assert await fetch_ids(url, address) == {e.id for e in events}
+
+            async def heard_all() -> bool:
+                return len(listener.ids) >= 20
+
+            await eventually(heard_all, "the listener to hear 20")
+            assert listener.ids == [e.id for e in events]
+        finally:
+            await listener.stop()
+            relay.shutdown()
+
+
+async def test_acknowledgements_survive_restart_and_rebuild(
+    local_relay: str, node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """After a restart, and after the projection is rebuilt, nothing is published again."""
+    settings = publishing_settings(node_settings, tmp_path, local_relay)
+    secret = load_secret(settings.nostr_key_file)
+    events = credits(secret, address, 10)
+    async with running_node(settings) as node:
+        await node.append(events)
+
+        async def all_acknowledged() -> bool:
+            return await acknowledged(node) == 10
+
+        await eventually(all_acknowledged, "10 acknowledgements")
+
+    node = await Node.open(settings)
+    try:
+        await rebuild(
+            node.ledger.store,
+            settings.projection_path,
+            trust_policy(settings),
+            extensions=fact_projections(settings),
+        )
+    finally:
+        await node.aclose()
+
+    async with running_node(settings) as node:
+        assert await acknowledged(node) == 10
+        assert await list_outbox(node.ledger.db) == []
+        more = credits(secret, address, 3, first_tokens=100)
+        await node.append(more)
+
+        async def thirteen() -> bool:
+            return await acknowledged(node) == 13
+
+        await eventually(thirteen, "13 acknowledgements")
+        assert node.outbox is not None and node.outbox.stats.attempts == 3

@@ -1,0 +1,62 @@
+"""History paging: the pure `next_until` rule, and a LocalRelay whose queries stop at 500."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dsproxy.adapters.relay import next_until
+from dsproxy.wire.envelope import Address
+from tests.conftest import CONTROLLER_SECRET
+from tests.integration.relay_fixtures import credits, fetch_ids, local_relay, publish
+
+__all__ = ["local_relay"]
+
+
+def simulate(created_ats: list[int], page_limit: int, inclusive: bool) -> tuple[set[int], int]:
+    """Page a relay holding these events (by index) as our fetch does; count the queries."""
+    seen: set[int] = set()
+    until: int | None = None
+    queries = 0
+    while True:
+        queries += 1
+        matching = [
+            index
+            for index, at in enumerate(created_ats)
+            if until is None or (at <= until if inclusive else at < until)
+        ]
+        page = sorted(matching, key=lambda index: -created_ats[index])[:page_limit]
+        fresh = [index for index in page if index not in seen]
+        seen.update(fresh)
+        following = next_until([created_ats[i] for i in page], until, 0, page_limit, len(fresh))
+        if following is None:
+            return seen, queries
+        until = following
+
+
+@given(
+    st.lists(st.integers(0, 40), max_size=300),
+    st.integers(2, 50),
+    st.booleans(),
+)
+def test_paging_ends_and_misses_nothing_unless_a_second_overflows(
+    created_ats: list[int], page_limit: int, inclusive: bool
+) -> None:
+    """Whether `until` is inclusive or exclusive, paging ends, and it returns every event
+    whenever no two adjacent seconds together hold more than a page."""
+    seen, queries = simulate(created_ats, page_limit, inclusive)
+    assert queries <= len(created_ats) + 45
+    per_second = [created_ats.count(second) for second in range(42)]
+    if all(a + b < page_limit for a, b in itertools.pairwise(per_second)):
+        assert seen == set(range(len(created_ats)))
+
+
+async def test_history_beyond_one_query_comes_back_whole(
+    local_relay: str, address: Address
+) -> None:
+    """1,200 events, 100 to a second, from a relay that answers at most 500 per query."""
+    events = credits(CONTROLLER_SECRET, address, 1_200, per_second=100)
+    await publish(local_relay, events)
+    assert await fetch_ids(local_relay, address) == {event.id for event in events}

@@ -1,0 +1,125 @@
+"""The upstream adapter against the demo model on 127.0.0.1: answers, streams and errors."""
+
+# ruff: noqa: F811 (pytest fixtures are imported by name, then requested by name)
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dsproxy.adapters.tokenizer import Tokenizer
+from dsproxy.adapters.upstream import Upstream
+from dsproxy.demo.upstream_model import DemoModel
+from dsproxy.errors import (
+    UpstreamCut,
+    UpstreamError,
+    UpstreamQuotaExhausted,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamUnauthorized,
+)
+from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
+    backend_settings,
+    backend_url,
+    client,
+    demo_model,
+    demo_url,
+    free_port,
+    serve_in_thread,
+    tokenizer,
+)
+
+
+@pytest.fixture
+async def upstream(demo_url: str) -> AsyncIterator[Upstream]:
+    client = Upstream(demo_url, "operator-key", timeout_s=30)
+    yield client
+    await client.aclose()
+
+
+def chat(content: str, **extra: object) -> dict[str, object]:
+    return {"model": "deepseek-chat", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def test_complete_returns_the_answer_and_its_usage(
+    upstream: Upstream, tokenizer: Tokenizer
+) -> None:
+    answer = await upstream.complete(chat("hello [[words:5]]"))
+    text = answer["choices"][0]["message"]["content"]
+    assert text == "this is the dsproxy demo"
+    assert answer["usage"]["completion_tokens"] == tokenizer.count(text)
+    prompt = [{"role": "user", "content": "hello [[words:5]]"}]
+    assert answer["usage"]["prompt_tokens"] == tokenizer.count_prompt(prompt)
+
+
+async def test_complete_honours_max_tokens(upstream: Upstream) -> None:
+    answer = await upstream.complete(chat("hello [[words:50]]", max_tokens=3))
+    assert answer["usage"]["completion_tokens"] <= 3
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+async def test_stream_yields_chunks_then_usage_and_finishes(upstream: Upstream) -> None:
+    stream = await upstream.open_stream(
+        chat("hi [[words:4]]", stream=True, stream_options={"include_usage": True})
+    )
+    try:
+        chunks = [chunk.data async for chunk in stream.chunks()]
+    finally:
+        await stream.aclose()
+    assert stream.finished
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "this is the dsproxy"
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+async def test_a_cut_stream_raises_upstream_cut_after_the_delivered_chunks(
+    upstream: Upstream,
+) -> None:
+    stream = await upstream.open_stream(chat("hi [[cut:2]]", stream=True))
+    words: list[str] = []
+    with pytest.raises(UpstreamCut):
+        async for chunk in stream.chunks():
+            words.append(chunk.data["choices"][0]["delta"].get("content") or "")
+    await stream.aclose()
+    assert "".join(words) == "this is"
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, UpstreamRejected),
+        (401, UpstreamUnauthorized),
+        (402, UpstreamQuotaExhausted),
+        (429, UpstreamRateLimited),
+        (500, UpstreamError),
+        (503, UpstreamError),
+    ],
+)
+async def test_error_statuses_become_our_errors(
+    upstream: Upstream, status: int, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        await upstream.complete(chat(f"[[fail:{status}]]"))
+    with pytest.raises(error):
+        await upstream.open_stream(chat(f"[[fail:{status}]]", stream=True))
+
+
+async def test_an_unreachable_server_is_an_upstream_error() -> None:
+    client = Upstream(f"http://127.0.0.1:{free_port()}/v1", "", timeout_s=5)
+    try:
+        with pytest.raises(UpstreamError):
+            await client.complete(chat("hi"))
+    finally:
+        await client.aclose()
+
+
+async def test_a_wrong_key_is_the_operators_problem(tokenizer: Tokenizer) -> None:
+    guarded = DemoModel(api_key="right-key", tokenizer=tokenizer)
+    with serve_in_thread(guarded.app) as base:
+        client = Upstream(base + "/v1", "wrong-key", timeout_s=5)
+        try:
+            with pytest.raises(UpstreamUnauthorized):
+                await client.complete(chat("hi"))
+        finally:
+            await client.aclose()

@@ -1,0 +1,110 @@
+"""Pure publishing decisions: what relay answers mean and when the outbox gives up."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dsproxy.domain.publication import (
+    Acknowledged,
+    Failed,
+    RelayAnswer,
+    RelayResult,
+    RetryLater,
+    answer_of,
+    decide_publication,
+    is_permanent,
+    retry_delay_ms,
+)
+
+RELAYS = ("ws://a", "ws://b", "ws://c")
+PERMANENT = ("invalid: bad signature", "blocked: you are banned", "pow: difficulty 20 needed")
+TRANSIENT = ("rate-limited: slow down", "error: database is locked", "auth-required: sign in")
+LIBRARY = ("timeout", "relay not connected", "")
+
+
+@pytest.mark.parametrize(
+    ("accepted", "reason", "answer"),
+    [
+        (True, "", RelayAnswer.ACCEPTED),
+        (False, "duplicate: exists", RelayAnswer.ACCEPTED),
+        *[(False, reason, RelayAnswer.REJECTED) for reason in PERMANENT + TRANSIENT],
+        *[(False, reason, RelayAnswer.UNREACHABLE) for reason in LIBRARY],
+    ],
+)
+def test_answer_of_reads_nip01_prefixes(accepted: bool, reason: str, answer: RelayAnswer) -> None:
+    """Relay reasons carry a `word:` prefix; the client library's own errors do not."""
+    assert answer_of("ws://a", accepted, reason).answer is answer
+
+
+def test_permanent_prefixes_only() -> None:
+    assert all(is_permanent(reason) for reason in PERMANENT)
+    assert not any(is_permanent(reason) for reason in TRANSIENT + LIBRARY)
+
+
+results = st.lists(
+    st.builds(
+        answer_of,
+        st.sampled_from(RELAYS),
+        st.booleans(),
+        st.sampled_from(PERMANENT + TRANSIENT + LIBRARY + ("duplicate: have it",)),
+    ),
+    max_size=3,
+    unique_by=lambda result: result.relay,
+)
+
+
+@given(results, st.integers(0, 50))
+def test_one_acknowledgement_is_enough(answers: list[RelayResult], rejections: int) -> None:
+    """Whatever the other relays say, one that has the event settles it."""
+    decision = decide_publication(answers, len(RELAYS), rejections, 20)
+    has_it = [r.relay for r in answers if r.answer is RelayAnswer.ACCEPTED]
+    assert isinstance(decision, Acknowledged) == bool(has_it)
+    if has_it:
+        assert decision == Acknowledged(tuple(has_it))
+
+
+@given(results)
+def test_an_outage_never_fails(answers: list[RelayResult]) -> None:
+    """Unreachable relays only delay publication; they never count against the budget."""
+    unreachable = [RelayResult(r.relay, RelayAnswer.UNREACHABLE, "timeout") for r in answers]
+    decision = decide_publication(unreachable, len(RELAYS), 10**6, 20)
+    assert isinstance(decision, RetryLater)
+    assert decision.rejection is None
+
+
+def test_permanent_rejection_by_every_relay_fails() -> None:
+    answers = [answer_of(relay, False, "invalid: too old") for relay in RELAYS]
+    decision = decide_publication(answers, len(RELAYS))
+    assert isinstance(decision, Failed)
+    assert "invalid: too old" in decision.reason
+
+
+def test_permanent_rejection_by_one_relay_waits_for_the_others() -> None:
+    """One relay refusing for good does not decide while another may still accept."""
+    answers = [
+        answer_of("ws://a", False, "blocked: no"),
+        answer_of("ws://b", False, "timeout"),
+    ]
+    assert isinstance(decide_publication(answers, 2), RetryLater)
+
+
+def test_transient_rejections_retry_then_give_up() -> None:
+    answers = [answer_of("ws://a", False, "rate-limited: slow down")]
+    decision = decide_publication(answers, 1, rejections_so_far=3, rejections_max=20)
+    assert decision == RetryLater(
+        "ws://a: rate-limited: slow down", "ws://a: rate-limited: slow down"
+    )
+    final = decide_publication(answers, 1, rejections_so_far=19, rejections_max=20)
+    assert isinstance(final, Failed)
+    assert "gave up after 20 transient rejections" in final.reason
+
+
+@given(st.integers(0, 1_000), st.integers(1, 10_000), st.integers(1, 100_000))
+def test_backoff_grows_and_is_capped(attempt: int, low: int, extra: int) -> None:
+    high = low + extra
+    delay = retry_delay_ms(attempt, low, high)
+    assert low <= delay <= high
+    assert retry_delay_ms(attempt + 1, low, high) >= delay
+    assert retry_delay_ms(attempt, low, high, spread=0.5) <= delay
