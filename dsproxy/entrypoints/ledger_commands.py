@@ -28,6 +28,7 @@ from dsproxy.wire.messages import validate_user
 __all__ = ["add_commands"]
 
 _REFUSED_SHOWN_MAX = 20
+REPLAY_GC_THRESHOLD = 200_000
 
 
 def _progress_bar(total: int | None, unit: str, description: str) -> tqdm:
@@ -117,13 +118,14 @@ def _write_events(store: AsyncEventStore, handle: Any) -> int:
 
 
 def run_replay(args: argparse.Namespace, settings: Settings) -> int:
-    # A batch job whose objects are acyclic: reference counting frees them, and pausing the
-    # cyclic collector saves about a tenth of the run.
-    gc.disable()
+    # A batch job that allocates millions of short-lived acyclic objects: collect the young
+    # generation far less often (faster), but do collect (asyncio leaves cycles behind).
+    thresholds = gc.get_threshold()
+    gc.set_threshold(REPLAY_GC_THRESHOLD, *thresholds[1:])
     try:
         return asyncio.run(_replay(settings, args.from_relay, args.since))
     finally:
-        gc.enable()
+        gc.set_threshold(*thresholds)
 
 
 async def _replay(settings: Settings, from_relay: str | None = None, since: int = 0) -> int:
