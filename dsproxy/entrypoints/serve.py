@@ -10,8 +10,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -109,13 +110,18 @@ async def serve(
             log_level="warning",
             timeout_graceful_shutdown=5,
         )
-        server = uvicorn.Server(config)
+        server = _Server(config)
+        if stop is None:  # run as a command: SIGINT and SIGTERM both stop cleanly (exit 0)
+            stop = asyncio.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(signum, stop.set)
         node_stop = asyncio.Event()
         node = asyncio.create_task(backend.node.run(node_stop), name="node")
         http = asyncio.create_task(server.serve(), name="http")
-        watchers = [asyncio.create_task(_report_started(server, on_started))]
-        if stop is not None:
-            watchers.append(asyncio.create_task(_stop_when(stop, server)))
+        watchers = [
+            asyncio.create_task(_report_started(server, on_started)),
+            asyncio.create_task(_stop_when(stop, server)),
+        ]
         try:
             done, _ = await asyncio.wait({node, http}, return_when=asyncio.FIRST_COMPLETED)
             if node in done and node.exception() is not None:
@@ -128,6 +134,15 @@ async def serve(
             await asyncio.gather(http, node, *watchers, return_exceptions=True)
     finally:
         await close_backend(backend)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: it re-raises SIGTERM after a graceful stop
+    (exit 143, before the node and the stores are closed); `serve` handles signals itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def _report_started(server: uvicorn.Server, on_started: Callable[[int], None] | None) -> None:
