@@ -19,7 +19,13 @@ from attrs import frozen
 from dsproxy.errors import StoreError
 from projections import Account, Entry, Ignored, TrustPolicy
 
-__all__ = ["AccountRow", "PostingRow", "ProjectionDb", "policy_fingerprint"]
+__all__ = [
+    "AccountRow",
+    "PostingRow",
+    "ProjectionDb",
+    "ProjectionMoved",
+    "policy_fingerprint",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -65,6 +71,10 @@ def policy_fingerprint(policy: TrustPolicy, schemas: Sequence[str] = ()) -> str:
         ]
     )
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ProjectionMoved(StoreError):
+    """The projection's position changed under a writer: fold again from where it is now."""
 
 
 @frozen
@@ -169,12 +179,22 @@ class ProjectionDb:
         ignored: Sequence[tuple[int, Ignored]],
         position: int,
         extra: Sequence[tuple[str, Sequence[tuple[Any, ...]]]] = (),
+        *,
+        after: int | None = None,
     ) -> None:
         """Write one batch's changes (and fact projections' `extra` statements with their rows)
-        and its position: all or nothing."""
+        and its position: all or nothing.
+
+        `after` is the position the batch was folded from; if another process moved the
+        projection meanwhile, nothing is written and ProjectionMoved says so.
+        """
         try:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
+                if after is not None and (current := await self.position()) != after:
+                    raise ProjectionMoved(
+                        f"{self.path} is at {current}, not {after}: another process projected it"
+                    )
                 await self._db.executemany(
                     _UPSERT_ACCOUNT,
                     [
@@ -205,6 +225,7 @@ class ProjectionDb:
                 raise
         except aiosqlite.Error as exc:
             raise StoreError(f"could not write projection batch up to {position}: {exc}") from exc
+
 
     async def account(self, user: str) -> AccountRow | None:
         async with self._db.execute(

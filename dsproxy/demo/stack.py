@@ -287,7 +287,7 @@ async def serve_app(
     while not server.started:  # uvicorn offers no event to wait on
         if task.done():
             task.result()
-            raise ConfigError(f"the {name} server stopped during start-up")
+            raise DsproxyError(f"the {name} server stopped during start-up")
         await asyncio.sleep(0.01)
     return task
 
@@ -383,18 +383,15 @@ async def open_stack(
     chain, chain_url = await start_chain(exits, bot.pubkey())
     base = base_settings(layout, relay_url, chain_url, controller_pubkey, backend_pubkey)
     controller = controller_settings(base, layout)
-    model_socket = _free_socket() if options.upstream_url is None else None
-    upstream_url = (
-        f"http://{HOST}:{port_of(model_socket)}/v1"
-        if model_socket is not None
-        else str(options.upstream_url)
-    )
+    model_socket = None if options.upstream_url else _free_socket()
+    upstream_url = options.upstream_url or ""
+    if model_socket is not None:
+        exits.callback(model_socket.close)
+        upstream_url = f"http://{HOST}:{port_of(model_socket)}/v1"
     backend = backend_settings(base, layout, options, port_of(api_socket), upstream_url)
     write_config(layout.config_file(layout.controller_dir), controller)
     write_config(layout.config_file(layout.backend_dir), backend)
     controller_node, tasks = await start_controller(exits, controller, bot)
-    if model_socket is not None:
-        exits.callback(model_socket.close)
     running_backend, backend_tasks = await start_backend(exits, backend, api_socket)
     tasks += backend_tasks
     if model_socket is not None:  # shares the backend's tokenizer: one load, exact counts

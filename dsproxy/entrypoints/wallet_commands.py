@@ -2,7 +2,7 @@
 
 The keypair is a Solana CLI file (a JSON list of 64 integers). `authorize` prints the
 recover_info JSON exactly as the dApp builds it; `recharge` signs the recharge Request as the
-dApp does (with a throw-away Nostr key).
+dApp does (with a throw-away Nostr key) and sends it to the relays of DSPROXY_RELAYS.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ import nostr_sdk
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
+from dsproxy.adapters.relay import RelayPublisher, RelayUnavailable
 from dsproxy.adapters.solana_keys import load_keypair
 from dsproxy.adapters.solana_rpc import BalancePaymentRpc
 from dsproxy.bootstrap import program_from_settings
 from dsproxy.config import Settings
+from dsproxy.domain.publication import RelayAnswer, RelayResult
 from dsproxy.errors import BadInput, ConfigError
 from dsproxy.wire.envelope import Address, seal
+from dsproxy.wire.event import NostrEvent
 from dsproxy.wire.messages import (
     ZERO_EVENT_ID,
     DeviceStatus,
@@ -253,7 +256,35 @@ def _recharge(args: argparse.Namespace, settings: Settings) -> int:
     if args.print_only:
         print(event.to_json())
         return 0
-    raise ConfigError(
-        "publishing the Request needs the relay layer, which this build does not have yet; "
-        "rerun with --print-only and publish the printed event with any Nostr client"
+    results = asyncio.run(_publish(event, settings))
+    _print_json(
+        {
+            "action": "recharge",
+            "user": str(user.pubkey()),
+            "nonce": nonce,
+            "deadline": deadline,
+            "request_id": event.id,
+            "relays": {
+                r.relay: " ".join(filter(None, (r.answer.value, r.reason))) for r in results
+            },
+        }
     )
+    return 0
+
+
+async def _publish(event: NostrEvent, settings: Settings) -> tuple[RelayResult, ...]:
+    """Send the Request to every configured relay, as the dApp does; one must take it."""
+    if not settings.relays:
+        raise ConfigError(
+            "DSPROXY_RELAYS is empty: name the relays the controller listens to, "
+            "or rerun with --print-only to print the event"
+        )
+    publisher = RelayPublisher(settings.relays, timeout_s=settings.relay_timeout_s)
+    try:
+        results = await publisher.publish(event)
+    finally:
+        await publisher.close()
+    if not any(r.answer is RelayAnswer.ACCEPTED for r in results):
+        answers = "; ".join(f"{r.relay}: {r.answer.value} {r.reason}".strip() for r in results)
+        raise RelayUnavailable(f"no relay took the recharge Request ({answers})")
+    return results

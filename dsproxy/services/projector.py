@@ -20,7 +20,7 @@ import orjson
 from attrs import frozen
 
 from dsproxy.adapters.event_store import NOSTR_TOPIC, AsyncEventStore, StoredRecord
-from dsproxy.adapters.projection_db import ProjectionDb, policy_fingerprint
+from dsproxy.adapters.projection_db import ProjectionDb, ProjectionMoved, policy_fingerprint
 from dsproxy.domain.transactions import entry_from_parts
 from projections import Account, Entry, Ignored, Ledger, TrustPolicy, fold
 
@@ -154,7 +154,7 @@ class Projector:
         while len(self._accounts) > self._accounts_cached_max:
             self._accounts.popitem(last=False)
 
-    async def apply(self, batch: Batch) -> None:
+    async def apply(self, batch: Batch, after: int | None = None) -> None:
         """Fold one batch over the current accounts of its users and write the result."""
         accounts = await self._load_accounts({entry.user for _, entry in batch.entries})
         folded = fold((entry for _, entry in batch.entries), Ledger(self.policy, accounts))
@@ -174,6 +174,7 @@ class Projector:
                     for extension in self.extensions
                     for change in extension.changes(batch.records)
                 ],
+                after=after,
             )
         except BaseException:
             self._accounts.clear()  # the write may not have happened: forget what it said
@@ -190,7 +191,12 @@ class Projector:
             position = await self.db.position()
             total = 0
             while page := await self.store.read(position, self.page_size):
-                await self.apply(classify(page, self.content_bytes_max))
+                try:
+                    await self.apply(classify(page, self.content_bytes_max), after=position)
+                except ProjectionMoved:  # another process applied it: go on from there
+                    log.warning("projection moved under us; continuing from its position")
+                    position = await self.db.position()
+                    continue
                 total += len(page)
                 position = page[-1].position
                 if progress is not None:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -34,7 +35,7 @@ class Demo:
     key: str
     output: list[str]
 
-    def balance(self) -> dict[str, int]:
+    def balance(self) -> dict[str, Any]:
         response = httpx.get(
             f"{self.api}/balance", headers={"authorization": f"Bearer {self.key}"}, timeout=10
         )
@@ -92,7 +93,7 @@ def running_demo(tmp_path: Path) -> Iterator[Demo]:
         process.stdout.close()
 
 
-def _wait_for_balance(demo: Demo, expected: int) -> dict[str, int]:
+def _wait_for_balance(demo: Demo, expected: int) -> dict[str, Any]:
     """The debit is appended just after the response: poll, with a bounded wait."""
     deadline = time.monotonic() + DEBIT_WAIT_S_MAX
     while (balance := demo.balance())["balance"] != expected:

@@ -134,3 +134,22 @@ async def test_concurrent_catch_ups_apply_each_event_once(
     row = await node.db.account(ALICE)
     assert (row.balance, row.entries) == (50, 50)
     await node.aclose()
+
+
+async def test_two_processes_projecting_one_directory_count_each_event_once(
+    node_settings: Settings, address: Address
+) -> None:
+    """A CLI command and a running node may both catch up the same projection file."""
+    first = await open_ledger(node_settings)
+    second = await open_ledger(node_settings)  # its own connections, as another process has
+    await first.store.append_nostr([credit(address, ALICE, 1) for _ in range(30)])
+    await second.projector.catch_up()  # warms its account cache, then falls behind
+    await first.store.append_nostr([credit(address, ALICE, 1) for _ in range(30)])
+    await first.projector.catch_up()
+    await second.store.append_nostr([credit(address, ALICE, 1) for _ in range(30)])
+    await asyncio.gather(first.projector.catch_up(), second.projector.catch_up())
+    for node in (first, second):
+        row = await node.db.account(ALICE)
+        assert (row.balance, row.entries) == (90, 90)
+    await first.aclose()
+    await second.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from solders.keypair import Keypair
 
 from dsproxy.entrypoints.cli import main
 from dsproxy.localchain import LocalChain, LocalChainServer
+from dsproxy.wire.envelope import DEFAULT_SESSION, Address
 from dsproxy.wire.event import verify_event
 from dsproxy.wire.messages import Request, parse_message
 from dsproxy.wire.recover import verify_recover
@@ -20,6 +22,9 @@ from tests.integration.localchain_fixtures import (  # noqa: F401 (fixtures)
     chain_server_fixture,
     parties_fixture,
 )
+from tests.integration.relay_fixtures import fetch_ids, free_port, local_relay
+
+__all__ = ["local_relay"]  # a fixture: used by name
 
 MACHINE = "ab" * 32
 
@@ -118,14 +123,52 @@ def test_recharge_print_only_signs_the_request_for_the_onchain_nonce(
     assert verify_recover(request.payload.recover, parties.user.pubkey(), 0)
 
 
-def test_recharge_without_a_relay_layer_says_so_and_publishes_nothing(
+def test_recharge_without_relays_says_so_and_publishes_nothing(
     capsys: pytest.CaptureFixture[str], user_file: Path
 ) -> None:
     _run(capsys, "wallet", "register", "--keypair", str(user_file))
     code, out, err = _run(capsys, "wallet", "recharge", "--keypair", str(user_file))
     assert code == 2
     assert out == ""
-    assert "--print-only" in err
+    assert "DSPROXY_RELAYS" in err and "--print-only" in err
+
+
+async def test_recharge_publishes_the_signed_request_to_the_relay(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    user_file: Path,
+    local_relay: str,
+    parties: Parties,
+) -> None:
+    """The Request reaches the relay, under the session and machine the controller follows."""
+    monkeypatch.setenv("DSPROXY_RELAYS", local_relay)
+    await asyncio.to_thread(main, ["wallet", "register", "--keypair", str(user_file)])
+    capsys.readouterr()
+
+    code = await asyncio.to_thread(main, ["wallet", "recharge", "--keypair", str(user_file)])
+
+    answer = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert answer["relays"] == {local_relay: "accepted"}
+    assert answer["user"] == str(parties.user.pubkey()) and answer["nonce"] == 0
+    assert answer["request_id"] in await fetch_ids(local_relay, Address(DEFAULT_SESSION, MACHINE))
+
+
+async def test_recharge_no_relay_takes_exits_2_naming_the_relay(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, user_file: Path
+) -> None:
+    unreachable = f"ws://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("DSPROXY_RELAYS", unreachable)
+    monkeypatch.setenv("DSPROXY_RELAY_TIMEOUT_S", "1")
+    await asyncio.to_thread(main, ["wallet", "register", "--keypair", str(user_file)])
+    capsys.readouterr()
+
+    code = await asyncio.to_thread(main, ["wallet", "recharge", "--keypair", str(user_file)])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert "no relay took the recharge Request" in captured.err and unreachable in captured.err
 
 
 def test_a_bad_keypair_file_is_a_clear_error(
