@@ -26,6 +26,7 @@ from dsproxy.adapters.balance_payment import BalancePayment
 from dsproxy.adapters.relay import RelayPublisher, build_local_relay
 from dsproxy.adapters.solana_rpc import BalancePaymentRpc
 from dsproxy.config import Settings, load_settings
+from dsproxy.domain.recharge import recharge_request
 from dsproxy.handlers.recharge import RechargeHandler
 from dsproxy.localchain import LocalChain, LocalChainServer
 from dsproxy.services.controller import ControllerLoop
@@ -33,11 +34,6 @@ from dsproxy.services.node import Node
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import public_key_of
 from dsproxy.wire.messages import (
-    ZERO_EVENT_ID,
-    DeviceStatus,
-    Reason,
-    Request,
-    RequestPayload,
     Transaction,
 )
 from dsproxy.wire.recover import new_payload, sign_recover
@@ -63,8 +59,7 @@ def settings_for(directory: Path, relay_url: str, rpc_url: str, key: Path | None
 
 def request_for(address: Address, user: Keypair, nonce: int) -> object:
     info = sign_recover(user, new_payload(), nonce, int(time.time()) + 600)
-    payload = RequestPayload(info.to_json(), nonce=nonce, user=str(user.pubkey()))
-    message = Request(DeviceStatus.WORKING, Reason.USER_REQUEST, ZERO_EVENT_ID, payload)
+    message = recharge_request(info, nonce, str(user.pubkey()))
     return seal(message, address, Keypair().secret().hex())
 
 

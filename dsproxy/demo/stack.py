@@ -37,12 +37,11 @@ from dsproxy.demo.upstream_model import DEMO_MODELS, DemoModel
 from dsproxy.entrypoints.http_api import Backend, close_backend, open_backend
 from dsproxy.entrypoints.serve import build_app
 from dsproxy.errors import ConfigError, DsproxyError
-from dsproxy.handlers.recharge import RechargeHandler
+from dsproxy.handlers.recharge import build_recharge_handler
 from dsproxy.localchain import LocalChain, LocalChainServer
 from dsproxy.services.controller import ControllerLoop
 from dsproxy.services.node import Node
 from dsproxy.wire.envelope import Address
-from dsproxy.wire.recover import SIGN_MESSAGE_PREFIX_V1
 
 __all__ = [
     "DemoLayout",
@@ -328,20 +327,13 @@ async def start_controller(
         )
     )
     program = await rpc.fetch_settings()
-    handler = RechargeHandler(
-        store=node.ledger.store,
-        projector=node.ledger.projector,
-        rpc=rpc,
-        bot=bot,
-        treasury=program.treasury,
+    handler = build_recharge_handler(
+        settings,
+        node.ledger.projector,
+        rpc,
+        program,
         signer_secret=load_secret(settings.nostr_key_file),
-        address=address(settings),
-        amount_lamports=settings.pay_amount_lamports,
-        tokens_per_lamport=settings.tokens_per_lamport,
-        admin=settings.admin_pubkey,
-        sign_prefix=program.sign_prefix or SIGN_MESSAGE_PREFIX_V1,
-        deadline_margin_s=settings.deadline_margin_s,
-        stale_after_s=settings.request_stale_s,
+        bot=bot,
     )
     stop = asyncio.Event()
     node_task = spawn(exits, node.run(stop), "controller node", stop.set)

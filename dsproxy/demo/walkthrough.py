@@ -26,10 +26,10 @@ from dsproxy.adapters.relay import RelayPublisher, RelayUnavailable
 from dsproxy.adapters.solana_rpc import BalancePaymentRpc
 from dsproxy.demo.stack import LAMPORTS_PER_SOL, Stack, write_keypair
 from dsproxy.domain.publication import RelayAnswer
+from dsproxy.domain.recharge import recharge_request
 from dsproxy.errors import DsproxyError
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import NostrEvent
-from dsproxy.wire.messages import ZERO_EVENT_ID, DeviceStatus, Reason, Request, RequestPayload
 from dsproxy.wire.recover import new_payload, sign_recover
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
     "Progress",
     "describe",
     "instructions",
-    "recharge_request",
+    "recharge_event",
     "run_walkthrough",
 ]
 
@@ -115,16 +115,11 @@ async def fund_wallet(stack: Stack, user: Keypair) -> int:
 # --- the recharge ---------------------------------------------------------------------------
 
 
-def recharge_request(user: Keypair, nonce: int, address: Address, now: int) -> NostrEvent:
+def recharge_event(user: Keypair, nonce: int, address: Address, now: int) -> NostrEvent:
     """The Request the dApp sends: a recover signature over the nonce, valid for 30 minutes,
     a random payload, signed into an event by a throw-away Nostr key."""
     info = sign_recover(user, new_payload(), nonce, now + RECHARGE_DEADLINE_S)
-    request = Request(
-        to_status=DeviceStatus.WORKING,
-        reason=Reason.USER_REQUEST,
-        initial_request=ZERO_EVENT_ID,
-        payload=RequestPayload(info.to_json(), nonce=nonce, user=str(user.pubkey())),
-    )
+    request = recharge_request(info, nonce, str(user.pubkey()))
     throwaway = nostr_sdk.Keys.generate().secret_key().to_hex()
     return seal(request, address, throwaway, created_at=now)
 
@@ -207,7 +202,7 @@ async def run_walkthrough(stack: Stack, progress: Progress) -> DemoAccount:
         f"airdropped {WALLET_AIRDROP_LAMPORTS / LAMPORTS_PER_SOL:g} SOL, registered, deposited "
         f"{DEPOSIT_LAMPORTS / LAMPORTS_PER_SOL:g} SOL into the vault"
     )
-    event = recharge_request(user, nonce, stack.address, int(time.time()))
+    event = recharge_event(user, nonce, stack.address, int(time.time()))
     await publish_request(stack.relay_url, event, stack.backend.settings.relay_timeout_s)
     progress.step(f"recharge Request {event.id[:16]}... signed for nonce {nonce} and sent")
     async with progress.waiting("the controller pays on chain; the credit reaches the backend"):

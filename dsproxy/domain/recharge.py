@@ -17,6 +17,7 @@ from dsproxy.errors import MalformedMessage
 from dsproxy.wire.envelope import Address
 from dsproxy.wire.event import NostrEvent
 from dsproxy.wire.messages import (
+    ZERO_EVENT_ID,
     DeviceStatus,
     Reason,
     RecoverInfo,
@@ -33,6 +34,7 @@ __all__ = [
     "RefusalReason",
     "Refused",
     "failure_status",
+    "recharge_request",
     "screen",
     "success_messages",
     "tokens_for",
@@ -123,6 +125,18 @@ def screen(
             user,
         )
     return Recharge(event.id, event.pubkey, message.reason, message.payload, recover)
+
+
+def recharge_request(
+    info: RecoverInfo, nonce: int, user: str, namespace_id: int | None = None
+) -> Request:
+    """The Request the dApp sends for a recharge: Working, UserRequest, no initial request."""
+    return Request(
+        to_status=DeviceStatus.WORKING,
+        reason=Reason.USER_REQUEST,
+        initial_request=ZERO_EVENT_ID,
+        payload=RequestPayload(info.to_json(), nonce=nonce, user=user, namespace_id=namespace_id),
+    )
 
 
 def tokens_for(amount_lamports: int, tokens_per_lamport: int) -> int:

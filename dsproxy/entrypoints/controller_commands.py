@@ -16,14 +16,13 @@ from dsproxy.adapters.node_keys import load_secret
 from dsproxy.adapters.recharges_projection import RechargesProjection
 from dsproxy.adapters.solana_keys import load_keypair
 from dsproxy.adapters.solana_rpc import BalancePaymentRpc
-from dsproxy.bootstrap import address, open_ledger, program_from_settings
+from dsproxy.bootstrap import open_ledger, program_from_settings
 from dsproxy.config import Settings
 from dsproxy.errors import ConfigError
-from dsproxy.handlers.recharge import RechargeHandler
+from dsproxy.handlers.recharge import build_recharge_handler
 from dsproxy.services.controller import ControllerLoop
 from dsproxy.services.node import Node
 from dsproxy.wire.event import public_key_of
-from dsproxy.wire.recover import SIGN_MESSAGE_PREFIX_V1
 
 __all__ = ["add_commands"]
 
@@ -76,7 +75,7 @@ async def _serve(settings: Settings) -> int:
     if public_key_of(secret) not in settings.trusted_controllers:
         log.warning("this controller's key is not in DSPROXY_TRUSTED_CONTROLLERS: "
                     "its own projection will not count its credits")  # fmt: skip
-    where = address(settings)
+    settings.require_machine()  # fail before opening anything
     node = await Node.open(settings)
     try:
         async with BalancePaymentRpc.connect(
@@ -90,23 +89,10 @@ async def _serve(settings: Settings) -> int:
                     f"DSPROXY_BOT_KEYPAIR_FILE holds {bot.pubkey()}, but the program's bot is "
                     f"{program.bot}: payments would fail with Unauthorized"
                 )
-            handler = RechargeHandler(
-                store=node.ledger.store,
-                projector=node.ledger.projector,
-                rpc=rpc,
-                bot=bot,
-                payer=payer,
-                treasury=program.treasury,
-                signer_secret=secret,
-                address=where,
-                amount_lamports=settings.pay_amount_lamports,
-                tokens_per_lamport=settings.tokens_per_lamport,
-                admin=settings.admin_pubkey,
-                sign_prefix=program.sign_prefix or SIGN_MESSAGE_PREFIX_V1,
-                deadline_margin_s=settings.deadline_margin_s,
-                stale_after_s=settings.request_stale_s,
-                crash_at=settings.crash_at,
-            )
+            handler = build_recharge_handler(
+                settings, node.ledger.projector, rpc, program,
+                signer_secret=secret, bot=bot, payer=payer,
+            )  # fmt: skip
             loop = ControllerLoop(handler, concurrency_max=settings.controller_concurrency_max)
             await _run_until_signalled(node, loop)
     finally:

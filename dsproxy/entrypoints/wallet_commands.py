@@ -25,16 +25,12 @@ from dsproxy.adapters.solana_rpc import BalancePaymentRpc
 from dsproxy.bootstrap import program_from_settings
 from dsproxy.config import Settings
 from dsproxy.domain.publication import RelayAnswer, RelayResult
+from dsproxy.domain.recharge import recharge_request
 from dsproxy.errors import BadInput, ConfigError
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import NostrEvent
 from dsproxy.wire.messages import (
-    ZERO_EVENT_ID,
-    DeviceStatus,
-    Reason,
     RecoverInfo,
-    Request,
-    RequestPayload,
 )
 from dsproxy.wire.recover import (
     PAYLOAD_LEN,
@@ -241,17 +237,8 @@ def _recharge(args: argparse.Namespace, settings: Settings) -> int:
     nonce, prefix = asyncio.run(run())
     deadline = int(time.time()) + args.deadline_in
     info = _sign(settings, user, payload, nonce, deadline, prefix)
-    request = Request(
-        to_status=DeviceStatus.WORKING,
-        reason=Reason.USER_REQUEST,
-        initial_request=ZERO_EVENT_ID,
-        payload=RequestPayload(
-            recover_info=info.to_json(),
-            nonce=nonce,
-            user=str(user.pubkey()),
-            namespace_id=settings.namespace_id if settings.program_version == 2 else None,
-        ),
-    )
+    namespace_id = settings.namespace_id if settings.program_version == 2 else None
+    request = recharge_request(info, nonce, str(user.pubkey()), namespace_id)
     event = seal(request, Address(settings.session, machine), _throwaway_secret_hex())
     if args.print_only:
         print(event.to_json())

@@ -25,9 +25,11 @@ from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.recharges_projection import RechargesProjection, RequestRow
 from dsproxy.adapters.solana_rpc import (
     BalancePaymentRpc,
+    ProgramSettings,
     SignedTransaction,
     TransactionState,
 )
+from dsproxy.config import Settings
 from dsproxy.domain.eligibility import Ineligible, check_eligible
 from dsproxy.domain.payment import Answered, Payment, PaymentState, payment_id
 from dsproxy.domain.recharge import (
@@ -52,7 +54,7 @@ from dsproxy.wire.event import load_stored_event
 from dsproxy.wire.messages import Request, parse_message
 from dsproxy.wire.recover import SIGN_MESSAGE_PREFIX_V1
 
-__all__ = ["RechargeHandler"]
+__all__ = ["RechargeHandler", "build_recharge_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -315,3 +317,33 @@ class RechargeHandler:
         if name in self.crash_at:
             log.warning("crash point %r reached: killing the process", name)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build_recharge_handler(
+    settings: Settings,
+    projector: Projector,
+    rpc: BalancePaymentRpc,
+    program: ProgramSettings,
+    *,
+    signer_secret: str,
+    bot: Keypair,
+    payer: Keypair | None = None,
+) -> RechargeHandler:
+    """The handler a controller runs, from its settings and the program's on-chain settings."""
+    return RechargeHandler(
+        store=projector.store,
+        projector=projector,
+        rpc=rpc,
+        bot=bot,
+        payer=payer,
+        treasury=program.treasury,
+        signer_secret=signer_secret,
+        address=Address(settings.session, settings.require_machine()),
+        amount_lamports=settings.pay_amount_lamports,
+        tokens_per_lamport=settings.tokens_per_lamport,
+        admin=settings.admin_pubkey,
+        sign_prefix=program.sign_prefix or SIGN_MESSAGE_PREFIX_V1,
+        deadline_margin_s=settings.deadline_margin_s,
+        stale_after_s=settings.request_stale_s,
+        crash_at=settings.crash_at,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import attrs
 import pytest
 from attrs import frozen
 from solders.keypair import Keypair
@@ -11,16 +12,13 @@ from solders.keypair import Keypair
 from dsproxy.adapters.recharges_projection import RechargesProjection
 from dsproxy.bootstrap import LedgerNode, open_ledger
 from dsproxy.config import Settings
+from dsproxy.domain.recharge import recharge_request
 from dsproxy.handlers.recharge import RechargeHandler
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import NostrEvent, public_key_of
 from dsproxy.wire.messages import (
-    ZERO_EVENT_ID,
-    DeviceStatus,
     Reason,
     RecoverInfo,
-    Request,
-    RequestPayload,
 )
 from tests.conftest import CONTROLLER_SECRET
 from tests.integration.localchain_fixtures import PAY_LAMPORTS, World, fixed_clock
@@ -39,8 +37,7 @@ def dapp_request(
     created_at: int | None = None,
 ) -> NostrEvent:
     """A Request built as the dApp builds it, signed by a throw-away Nostr key."""
-    payload = RequestPayload(info.to_json(), nonce=nonce, user=str(user.pubkey()))
-    message = Request(DeviceStatus.WORKING, reason, ZERO_EVENT_ID, payload)
+    message = attrs.evolve(recharge_request(info, nonce, str(user.pubkey())), reason=reason)
     secret = requester_secret or Keypair().secret().hex()
     when = int(fixed_clock()) if created_at is None else created_at
     return seal(message, address, secret, created_at=when)
