@@ -138,6 +138,7 @@ class Projector:
         self._one_at_a_time = asyncio.Lock()
         # Committed totals of recently folded users, so a batch rarely reads them back.
         self._accounts: OrderedDict[str, Account] = OrderedDict()
+        self._accounts_as_of: int | None = None  # the position the cache is true at
         self._accounts_cached_max = accounts_cached_max
 
     async def _load_accounts(self, users: set[str]) -> dict[str, Account]:
@@ -178,8 +179,10 @@ class Projector:
             )
         except BaseException:
             self._accounts.clear()  # the write may not have happened: forget what it said
+            self._accounts_as_of = None
             raise
         self._remember(touched)
+        self._accounts_as_of = batch.last_position
 
     async def catch_up(self, progress: Callable[[int], None] | None = None) -> CatchUp:
         """Apply everything after the recorded position, one caller at a time.
@@ -189,6 +192,8 @@ class Projector:
         """
         async with self._one_at_a_time:
             position = await self.db.position()
+            if position != self._accounts_as_of:  # another process wrote: the cache is stale
+                self._accounts.clear()
             total = 0
             while page := await self.store.read(position, self.page_size):
                 try:
