@@ -91,7 +91,14 @@ async def test_sdk_chat_is_charged_its_exact_usage(
     }
     debits = await issued_debits(backend_settings, USER, charged)
     assert [tokens for _, tokens in debits] == [-charged]
-    ledger = (await client.get("/v1/transactions", headers=bearer(token))).json()["data"]
+    ledger: list[dict] = []
+
+    async def projected() -> bool:  # the debit is in the store; the projection follows
+        nonlocal ledger
+        ledger = (await client.get("/v1/transactions", headers=bearer(token))).json()["data"]
+        return len(ledger) == 2
+
+    await eventually(projected, "the debit in /v1/transactions")
     assert [entry["tokens"] for entry in ledger] == [1_000, -charged]
     assert ledger[1]["event_id"] == debits[0][0]
 
