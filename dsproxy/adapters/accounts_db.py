@@ -15,6 +15,7 @@ from typing import Any
 import aiosqlite
 from attrs import frozen
 
+from dsproxy.adapters.sqlite_file import open_sqlite
 from dsproxy.domain.accounts import Challenge
 from dsproxy.errors import StoreError
 
@@ -93,15 +94,7 @@ class AccountsDb:
 
     @classmethod
     async def open(cls, path: Path) -> AccountsDb:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            connection = await aiosqlite.connect(path, isolation_level=None)
-            await connection.execute("PRAGMA journal_mode=WAL")
-            await connection.execute("PRAGMA synchronous=NORMAL")
-            await connection.executescript(_SCHEMA)
-        except (aiosqlite.Error, OSError) as exc:
-            raise StoreError(f"cannot open {str(path)!r}: {exc}") from exc
-        return cls(connection)
+        return cls(await open_sqlite(path, [_SCHEMA], what="the accounts database"))
 
     async def close(self) -> None:
         await self._db.close()

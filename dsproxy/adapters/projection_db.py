@@ -16,6 +16,7 @@ from typing import Any
 import aiosqlite
 from attrs import frozen
 
+from dsproxy.adapters.sqlite_file import open_sqlite
 from dsproxy.errors import StoreError
 from projections import Account, Entry, Ignored, TrustPolicy
 
@@ -113,22 +114,10 @@ class ProjectionDb:
         no secondary indexes until `finish_bulk`, and no journal or fsync, since a crash
         discards the file anyway.
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            connection = await aiosqlite.connect(path, isolation_level=None)
-            if bulk:
-                await connection.execute("PRAGMA journal_mode=OFF")
-                await connection.execute("PRAGMA synchronous=OFF")
-            else:
-                await connection.execute("PRAGMA journal_mode=WAL")
-                await connection.execute("PRAGMA synchronous=NORMAL")
-            await connection.executescript(_SCHEMA)
-            for schema in schemas:
-                await connection.executescript(schema)
-            if not bulk:
-                await connection.execute(_INDEXES)
-        except (aiosqlite.Error, OSError) as exc:
-            raise StoreError(f"cannot open projection {str(path)!r}: {exc}") from exc
+        connection = await open_sqlite(
+            path, [_SCHEMA, *schemas, *(() if bulk else (_INDEXES,))],
+            what="projection", durable=not bulk,
+        )  # fmt: skip
         return cls(connection, path)
 
     async def finish_bulk(self) -> None:
@@ -225,7 +214,6 @@ class ProjectionDb:
                 raise
         except aiosqlite.Error as exc:
             raise StoreError(f"could not write projection batch up to {position}: {exc}") from exc
-
 
     async def account(self, user: str) -> AccountRow | None:
         async with self._db.execute(

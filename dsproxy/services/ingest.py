@@ -29,6 +29,7 @@ from attrs import define, field, frozen
 
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.relay import RelayConnection, RelayUnavailable, fetch_history, session_filter
+from dsproxy.adapters.sqlite_file import open_sqlite
 from dsproxy.domain.publication import Outcome, Publication, retry_delay_ms
 from dsproxy.errors import InvalidEvent, StoreError
 from dsproxy.wire.envelope import Address
@@ -144,17 +145,11 @@ class CheckpointDb:
 
     @classmethod
     async def open(cls, path: Path) -> CheckpointDb:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            connection = await aiosqlite.connect(path, isolation_level=None)
-            await connection.execute("PRAGMA journal_mode=WAL")
-            await connection.execute(
-                "CREATE TABLE IF NOT EXISTS checkpoints "
-                "(relay TEXT PRIMARY KEY, created_at INTEGER NOT NULL) WITHOUT ROWID"
-            )
-        except (aiosqlite.Error, OSError) as exc:
-            raise StoreError(f"cannot open checkpoints {str(path)!r}: {exc}") from exc
-        return cls(connection)
+        schema = (
+            "CREATE TABLE IF NOT EXISTS checkpoints "
+            "(relay TEXT PRIMARY KEY, created_at INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        return cls(await open_sqlite(path, [schema], what="checkpoints"))
 
     async def get(self, relay: str) -> int | None:
         async with self._db.execute(
