@@ -107,6 +107,10 @@ class StoreError(DsproxyError):
     """The event store or a projection database failed."""
 
 
+class DuplicateEvent(StoreError):
+    """An event that had to be new is already stored (same id): nothing was written."""
+
+
 class UpstreamError(DsproxyError):
     """The upstream model server failed or answered with an error."""
 

@@ -1,16 +1,19 @@
 """Proxy overhead: the same chats sent to the demo model directly and through dsproxy-serve.
 
 Both servers run as their own processes (as in production); metering is on (every chat takes a
-hold, then records and appends its debit). Prints latency percentiles, the latency the proxy
-adds, and the throughput ratio, at concurrency 1 and 32.
+hold, records its charge durably before answering, and its debit event follows). Prints latency
+percentiles, the latency the proxy adds, the throughput ratio and the CPU time each process
+spends per chat, at concurrency 1 and 32, for each upstream speed in `--think-ms`: 0 is an
+instant model (the proxy's own cost is all there is to see), 50 a fast real one.
 
-    python scripts/bench_proxy.py [--requests 400] [--stream]
+    python scripts/bench_proxy.py [--requests 400] [--stream] [--think-ms 0,50]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from solders.keypair import Keypair
 
 from dsproxy.adapters.event_store import EventStore
@@ -111,10 +115,18 @@ async def api_key(proxy_url: str, wallet: Keypair) -> str:
         return str(created.json()["key"])
 
 
-async def run(base_url: str, key: str, requests: int, concurrency: int, stream: bool) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run(
+    base_url: str, key: str, requests: int, concurrency: int, stream: bool, think_ms: int
+) -> dict:
     body = {
         "model": "deepseek-chat",
-        "messages": [{"role": "user", "content": "benchmark [[words:12]]"}],
+        "messages": [{"role": "user", "content": f"benchmark [[words:12]] [[think:{think_ms}]]"}],
         "stream": stream,
     }
     headers = {"Authorization": f"Bearer {key}"}
@@ -124,7 +136,10 @@ async def run(base_url: str, key: str, requests: int, concurrency: int, stream: 
     for index in range(requests):
         queue.put_nowait(index)
 
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as http:
+    # httpcore's pool scans every connection per request: at 32 the load generator itself would
+    # be the bottleneck (and more so the slower the server), so it uses aiohttp's pool
+    transport = AiohttpTransport(limits=limits)
+    async with httpx.AsyncClient(base_url=base_url, transport=transport, timeout=60) as http:
 
         async def worker() -> None:
             while not queue.empty():
@@ -154,7 +169,7 @@ async def run(base_url: str, key: str, requests: int, concurrency: int, stream: 
     }
 
 
-async def bench(requests: int, stream: bool) -> None:
+async def bench(requests: int, stream: bool, thinks_ms: list[int]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         data_dir.mkdir()
@@ -165,17 +180,21 @@ async def bench(requests: int, stream: bool) -> None:
             key = await api_key(proxy_url, wallet)
             kind = "streamed" if stream else "non-streamed"
             print(f"{requests} {kind} chats per run; {os.cpu_count()} CPUs; {GOALS}")
-            for concurrency in (1, 32):
-                direct = await run(upstream_url, "unused", requests, concurrency, stream)
-                proxied = await run(proxy_url + "/v1", key, requests, concurrency, stream)
+            proxy_pid = processes[1].pid
+            for think_ms, concurrency in itertools.product(thinks_ms, (1, 32)):
+                direct = await run(upstream_url, "unused", requests, concurrency, stream, think_ms)
+                before = cpu_seconds(proxy_pid)
+                proxied = await run(proxy_url + "/v1", key, requests, concurrency, stream, think_ms)
+                proxy_cpu_ms = (cpu_seconds(proxy_pid) - before) * 1000 / requests
                 print(
-                    f"concurrency {concurrency:>2}: "
+                    f"upstream {think_ms:>3} ms, concurrency {concurrency:>2}: "
                     f"direct p50 {direct['p50_ms']:.2f} ms p99 {direct['p99_ms']:.2f} ms "
                     f"{direct['rps']:.0f} req/s | proxy p50 {proxied['p50_ms']:.2f} ms "
                     f"p99 {proxied['p99_ms']:.2f} ms {proxied['rps']:.0f} req/s | "
                     f"added p50 {proxied['p50_ms'] - direct['p50_ms']:+.2f} ms "
                     f"p99 {proxied['p99_ms'] - direct['p99_ms']:+.2f} ms | "
-                    f"throughput ratio {proxied['rps'] / direct['rps']:.2f}"
+                    f"throughput ratio {proxied['rps'] / direct['rps']:.2f} | "
+                    f"proxy CPU {proxy_cpu_ms:.2f} ms/chat"
                 )
         finally:
             for process in processes:
@@ -187,8 +206,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--stream", action="store_true", help="streamed chats")
+    parser.add_argument(
+        "--think-ms", default="0,50", help="the demo model's time to answer, comma-separated"
+    )
     args = parser.parse_args()
-    asyncio.run(bench(args.requests, args.stream))
+    thinks_ms = [int(value) for value in args.think_ms.split(",")]
+    asyncio.run(bench(args.requests, args.stream, thinks_ms))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ so two logins racing with one signature cannot both get it.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,11 +87,21 @@ class MessageRow:
     created_at: int
 
 
-class AccountsDb:
-    """One connection, autocommit; every write is a single statement or an explicit transaction."""
+BEARERS_CACHED_MAX = 10_000
+BEARER_CACHED_S = 10  # how long a key revoked by another process may still work here
 
-    def __init__(self, connection: aiosqlite.Connection) -> None:
+
+class AccountsDb:
+    """One connection, autocommit; every write is a single statement or an explicit transaction.
+
+    Bearer secrets that resolved to a user are remembered for a few seconds, so a chat does not
+    wait on the database to authenticate; a revoke through this process forgets them at once.
+    """
+
+    def __init__(self, connection: aiosqlite.Connection, clock: Any = time.monotonic) -> None:
         self._db = connection
+        self._clock = clock
+        self._bearers: dict[str, tuple[str, int | None, float]] = {}  # user, expiry, until
 
     @classmethod
     async def open(cls, path: Path) -> AccountsDb:
@@ -150,12 +161,24 @@ class AccountsDb:
 
     async def user_for(self, secret_hash: str, now: int) -> str | None:
         """The user a bearer secret (hashed) belongs to: a live session or an unrevoked key."""
+        cached = self._bearers.get(secret_hash)
+        if cached is not None:
+            user, expires_at, until = cached
+            if self._clock() < until and (expires_at is None or now <= expires_at):
+                return user
+            del self._bearers[secret_hash]
         rows = await self._rows(
-            "SELECT user FROM sessions WHERE token_hash = ? AND expires_at >= ? "
-            "UNION ALL SELECT user FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            "SELECT user, expires_at FROM sessions WHERE token_hash = ? AND expires_at >= ? "
+            "UNION ALL SELECT user, NULL FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
             (secret_hash, now, secret_hash),
         )
-        return str(rows[0][0]) if rows else None
+        if not rows:
+            return None
+        if len(self._bearers) >= BEARERS_CACHED_MAX:
+            self._bearers.clear()
+        user, expires_at = str(rows[0][0]), rows[0][1]
+        self._bearers[secret_hash] = (user, expires_at, self._clock() + BEARER_CACHED_S)
+        return user
 
     async def user(self, user: str) -> UserRow | None:
         rows = await self._rows(
@@ -186,6 +209,7 @@ class AccountsDb:
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND user = ? AND revoked_at IS NULL",
             (now, key_id, user),
         )
+        self._bearers.clear()  # which hash was that key's is not kept: forget them all
         return changed == 1
 
     # --- conversations ---------------------------------------------------------------------------

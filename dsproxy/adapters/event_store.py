@@ -31,7 +31,7 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 
-from dsproxy.errors import StoreError
+from dsproxy.errors import DuplicateEvent, StoreError
 from dsproxy.wire.event import NostrEvent
 
 __all__ = [
@@ -134,12 +134,15 @@ class EventStore:
         """Append verified events in one transaction; an event already stored is a no-op."""
         return self.record(events)
 
-    def record(self, events: Sequence[NostrEvent], *aggregates: Aggregate) -> AppendOutcome:
+    def record(
+        self, events: Sequence[NostrEvent], *aggregates: Aggregate, new_only: bool = False
+    ) -> AppendOutcome:
         """Append Nostr events and the pending facts of aggregates in one transaction.
 
         Both or neither: a handler that signs an event and records why (a payment credited, a
         hold settled) can never keep one without the other. A fact that conflicts with one
-        already stored (the same aggregate version: a concurrent change) aborts the whole write.
+        already stored (the same aggregate version: a concurrent change) aborts the whole write,
+        and so does, with `new_only`, an event already stored (DuplicateEvent).
         """
         stored_facts = [
             self.application.mapper.to_stored_event(fact)
@@ -158,6 +161,8 @@ class EventStore:
                     )
                     if cursor.sqlite_cursor.rowcount == 1:
                         appended.append((int(cursor.lastrowid), event.id))
+                    elif new_only:
+                        raise DuplicateEvent(f"event {event.id} is already stored")
                     else:
                         duplicates.append(event.id)
                 if stored_facts:
@@ -242,8 +247,12 @@ class AsyncEventStore:
         result: AppendOutcome = await self._run(self.sync.append_nostr, events)
         return result
 
-    async def record(self, events: Sequence[NostrEvent], *aggregates: Aggregate) -> AppendOutcome:
-        result: AppendOutcome = await self._run(lambda: self.sync.record(events, *aggregates))
+    async def record(
+        self, events: Sequence[NostrEvent], *aggregates: Aggregate, new_only: bool = False
+    ) -> AppendOutcome:
+        result: AppendOutcome = await self._run(
+            lambda: self.sync.record(events, *aggregates, new_only=new_only)
+        )
         return result
 
     async def aggregate(self, aggregate_id: uuid.UUID) -> Aggregate:

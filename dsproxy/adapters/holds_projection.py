@@ -1,10 +1,10 @@
 """The `holds` table: chats' holds projected from their facts, in the balances' transaction.
 
-A hold is `held` (taken), `settling` (charged; its debit event is not yet in the store: maybe
-not yet issued, `debit_event_id` NULL, or issued and not yet appended), `settled` (the debit
-event is in the store, so the balance counts it) or `released`. Tokens still reserved are a held
-hold's size plus a settling hold's charge: the balance and the holds change in one transaction,
-so a charge is never counted twice or not at all.
+A recorded hold is `settling` (charged; its debit event is not yet in the store: not yet issued,
+`debit_event_id` NULL, or issued and not yet appended), `settled` (the debit event is in the
+store, so the balance counts it) or `released`; stores written by earlier versions may also
+hold `held` rows (taken, no outcome). Live decisions use the meter's books in memory; this table
+is what start-up recovery reads to finish charges a crash interrupted.
 """
 
 from __future__ import annotations
@@ -24,12 +24,8 @@ __all__ = [
     "HoldsProjection",
     "OpenHoldRow",
     "UnissuedCharge",
-    "count_open",
-    "debit_recorded",
-    "held_by",
     "open_holds",
-    "unissued",
-    "users_with_unissued",
+    "unissued_charges",
 ]
 
 HOLDS_SCHEMA = """
@@ -55,17 +51,21 @@ _TAKEN = (
     "INSERT OR IGNORE INTO holds (chat_id, user, model, tokens, state, taken_position) "
     "VALUES (?, ?, ?, ?, 'held', ?)"
 )
-_SETTLED = (
-    "UPDATE holds SET state = 'settling', tokens_charged = ?, closed_position = ? "
-    "WHERE chat_id = ? AND state = 'held'"
+_SETTLED = (  # a hold recorded with its outcome, or (older stores) taken earlier
+    "INSERT INTO holds (chat_id, user, model, tokens, state, tokens_charged, taken_position, "
+    "closed_position) VALUES (?, ?, '', ?, 'settling', ?, ?, ?) ON CONFLICT (chat_id) DO UPDATE "
+    "SET state = 'settling', tokens_charged = excluded.tokens_charged, "
+    "closed_position = excluded.closed_position WHERE state = 'held'"
 )
 _ISSUED = (
     "UPDATE holds SET debit_event_id = ?, debit_event = ? "
     "WHERE chat_id = ? AND state = 'settling' AND debit_event_id IS NULL"
 )
 _RELEASED = (
-    "UPDATE holds SET state = 'released', reason = ?, closed_position = ? "
-    "WHERE chat_id = ? AND state = 'held'"
+    "INSERT INTO holds (chat_id, user, model, tokens, state, reason, taken_position, "
+    "closed_position) VALUES (?, ?, '', 0, 'released', ?, ?, ?) ON CONFLICT (chat_id) DO UPDATE "
+    "SET state = 'released', reason = excluded.reason, "
+    "closed_position = excluded.closed_position WHERE state = 'held'"
 )
 _DEBIT_STORED = (
     "UPDATE holds SET state = 'settled', debit_event = NULL "
@@ -95,11 +95,13 @@ class HoldsProjection:
                 row = (fact.originator_id.hex, fact.user, fact.model, fact.tokens, record.position)
                 taken.append(row)
             elif isinstance(fact, HoldOutcome.Settled):
-                settled.append((fact.tokens_charged, record.position, fact.hold_id.hex))
+                hold_id, charged, position = fact.hold_id.hex, fact.tokens_charged, record.position
+                settled.append((hold_id, fact.user, charged, charged, position, position))
             elif isinstance(fact, DebitIssued.Created):
                 issued += [(fact.event_id, fact.event, hold_id) for hold_id in fact.hold_ids]
             elif isinstance(fact, HoldOutcome.Released):
-                released.append((fact.reason, record.position, fact.hold_id.hex))
+                hold_id, position = fact.hold_id.hex, record.position
+                released.append((hold_id, fact.user, fact.reason, position, position))
             elif record.is_nostr and self._author in record.state:
                 event = orjson.loads(record.state)
                 if event.get("pubkey") == self._author.decode():
@@ -124,43 +126,16 @@ class UnissuedCharge:
     """A settled charge whose debit event is not issued yet."""
 
     chat_id: str
+    user: str
     tokens_charged: int
 
 
-async def held_by(db: ProjectionDb, user: str) -> tuple[int, int, int]:
-    """(ledger balance, tokens held by chats in flight, tokens charged whose debit is not yet in
-    the store), read in one query: the view a hold decision needs."""
+async def unissued_charges(db: ProjectionDb) -> list[UnissuedCharge]:
     rows = await db.fetch_all(
-        "SELECT (SELECT balance FROM accounts WHERE user = ?), "
-        "COALESCE(SUM(CASE state WHEN 'held' THEN tokens ELSE 0 END), 0), "
-        "COALESCE(SUM(CASE state WHEN 'settling' THEN tokens_charged ELSE 0 END), 0) "
-        "FROM holds WHERE user = ? AND state IN ('held', 'settling')",
-        (user, user),
-    )
-    balance, held, unissued_tokens = rows[0]
-    return int(balance or 0), int(held), int(unissued_tokens)
-
-
-async def unissued(db: ProjectionDb, user: str, limit: int = 1_000) -> list[UnissuedCharge]:
-    rows = await db.fetch_all(
-        "SELECT chat_id, tokens_charged FROM holds WHERE user = ? AND state = 'settling' "
-        "AND debit_event_id IS NULL ORDER BY closed_position LIMIT ?",
-        (user, limit),
+        "SELECT chat_id, user, tokens_charged FROM holds "
+        "WHERE state = 'settling' AND debit_event_id IS NULL ORDER BY closed_position"
     )
     return [UnissuedCharge(*row) for row in rows]
-
-
-async def users_with_unissued(db: ProjectionDb) -> list[str]:
-    rows = await db.fetch_all(
-        "SELECT DISTINCT user FROM holds WHERE state = 'settling' AND debit_event_id IS NULL"
-    )
-    return [str(row[0]) for row in rows]
-
-
-async def debit_recorded(db: ProjectionDb, event_id: str) -> bool:
-    """True if a settled hold already carries this debit event id."""
-    rows = await db.fetch_all("SELECT 1 FROM holds WHERE debit_event_id = ? LIMIT 1", (event_id,))
-    return bool(rows)
 
 
 async def open_holds(db: ProjectionDb) -> list[OpenHoldRow]:
@@ -169,8 +144,3 @@ async def open_holds(db: ProjectionDb) -> list[OpenHoldRow]:
         "WHERE state IN ('held', 'settling') ORDER BY taken_position"
     )
     return [OpenHoldRow(*row) for row in rows]
-
-
-async def count_open(db: ProjectionDb) -> int:
-    rows = await db.fetch_all("SELECT COUNT(*) FROM holds WHERE state IN ('held', 'settling')")
-    return int(rows[0][0])

@@ -222,6 +222,17 @@ class ProjectionDb:
             row = await cursor.fetchone()
         return None if row is None else AccountRow(*row)
 
+    async def balance_at(self, user: str) -> tuple[int, int]:
+        """The user's balance and the position it is true at, read together."""
+        async with self._db.execute(
+            "SELECT (SELECT balance FROM accounts WHERE user = ?), "
+            "(SELECT value FROM meta WHERE key = 'position')",
+            (user,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0] or 0), int(row[1] or 0)
+
     async def accounts(self) -> list[AccountRow]:
         async with self._db.execute(
             "SELECT user, credited, debited, balance, entries FROM accounts ORDER BY user"

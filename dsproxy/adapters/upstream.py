@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 from attrs import frozen
+from httpx_aiohttp import AiohttpTransport
 
 from dsproxy.errors import (
     UpstreamCut,
@@ -121,23 +122,36 @@ class Upstream:
         connections_max: int = 256,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(
+            max_connections=connections_max, max_keepalive_connections=connections_max
+        )
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10))
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10)),
-            limits=httpx.Limits(
-                max_connections=connections_max, max_keepalive_connections=connections_max
-            ),
+            timeout=timeout,
+            # httpcore's pool checks every idle connection on every request; aiohttp's does not
+            transport=AiohttpTransport(limits=limits),
+        )
+        # a chat's request is built from these parts, parsed once (build_request re-parses
+        # and merges the URL and headers on every call)
+        self._chat_url = httpx.URL(base_url.rstrip("/") + "/chat/completions")
+        self._chat_headers = {**headers, "content-type": "application/json"}
+        self._chat_extensions = {"timeout": timeout.as_dict()}
+
+    def _chat_request(self, body: Mapping[str, Any], **headers: str) -> httpx.Request:
+        return httpx.Request(
+            "POST",
+            self._chat_url,
+            content=orjson.dumps(body),
+            headers={**self._chat_headers, **headers},
+            extensions=self._chat_extensions,
         )
 
     async def complete(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """A non-streamed answer as the upstream's JSON object."""
         try:
-            response = await self._client.post(
-                "/chat/completions",
-                content=orjson.dumps(body),
-                headers={"content-type": "application/json"},
-            )
+            response = await self._client.send(self._chat_request(body))
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
         if response.status_code != 200:
@@ -154,13 +168,8 @@ class Upstream:
 
     async def open_stream(self, body: Mapping[str, Any]) -> UpstreamStream:
         """Send a streamed request and check its status before any chunk is read."""
-        request = self._client.build_request(
-            "POST",
-            "/chat/completions",
-            content=orjson.dumps(body),
-            headers={"content-type": "application/json", "accept": "text/event-stream"},
-        )
         try:
+            request = self._chat_request(body, accept="text/event-stream")
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc

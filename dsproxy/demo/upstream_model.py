@@ -11,6 +11,7 @@ Test directives, written anywhere in the last message, change its behaviour:
     [[cut:N]]        stream N words, then drop the connection (no usage, no [DONE])
     [[pause:N]]      stream N words, then wait `pause_s` before going on (a slow model)
     [[omit-usage]]   never report usage
+    [[think:MS]]     wait MS milliseconds before answering (a real model's time to first token)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["DEMO_MODELS", "DemoModel", "main"]
 DEMO_MODELS = ("deepseek-chat", "deepseek-reasoner")
 _TEXT = "this is the dsproxy demo model speaking in canned words so that charges are easy to check"
 _WORDS = _TEXT.split(" ")
-_DIRECTIVE = re.compile(r"\[\[(words|fail|cut|pause|omit-usage)(?::(\d+))?\]\]")
+_DIRECTIVE = re.compile(r"\[\[(words|fail|cut|pause|omit-usage|think)(?::(\d+))?\]\]")
 
 
 class _CutConnection(Exception):
@@ -114,6 +115,8 @@ class DemoModel:
         if model not in self.models:
             return _error(404, f"demo model: no model {model!r}")
         directives = _directives(messages)
+        if "think" in directives:
+            await asyncio.sleep(directives["think"] / 1000)
         if "fail" in directives:
             return _error(directives["fail"], "demo model: failing as asked")
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 4096

@@ -1,17 +1,20 @@
-"""A chat's local facts, kept in the event store: its hold was taken, then settled or released,
-and settled charges were issued as signed debit events.
+"""A chat's local facts, kept in the event store: its hold and how it ended (settled or
+released), and settled charges issued as signed debit events.
+
+A hold lives in the backend's memory while its chat runs; when the chat ends, the hold and its
+outcome are recorded together, in one write, before the answer is complete. A crash mid-chat
+leaves nothing: the user is never billed for an answer whose delivery we cannot prove.
 
 The store itself enforces "one outcome per hold": a `HoldOutcome`'s id is derived from its hold's
 id and its only event is its creation (Settled or Released), so a second outcome for the same
 hold collides with the store's unique (id, version) key and is refused.
 
-A Settled fact is the durable record of the charge. The Nostr debit comes after it, in a
-`DebitIssued` fact that names the settled holds it covers and carries the signed event, saved
-*before* the event is appended. The wire format gives a Transaction no nonce, so equal debits of
-one user in one second would share an id; a user's settled charges are therefore issued
-together, one debit event per batch, each with a distinct (amount, created_at). A crash between
-any two steps is finished on start-up: settled holds without a debit are issued, issued debits
-not in the store are appended again (the store dedupes by id). Never lost, never doubled.
+A Settled fact is the durable record of the charge. The Nostr debit comes after it, recorded in
+one write with a `DebitIssued` fact that names the settled holds it covers. The wire format gives
+a Transaction no nonce, so equal debits of one user in one second would share an id; a user's
+settled charges are therefore issued together, one debit event per batch, each with a distinct
+(amount, created_at). A crash between the two writes is finished on start-up: settled holds
+without a debit are issued. Never lost, never doubled.
 """
 
 from __future__ import annotations
@@ -58,12 +61,18 @@ class Hold(Aggregate):
 
     @classmethod
     def take(
-        cls, user: str, model: str, tokens: int, prompt_tokens: int, completion_tokens_max: int
+        cls,
+        chat_id: uuid.UUID,
+        user: str,
+        model: str,
+        tokens: int,
+        prompt_tokens: int,
+        completion_tokens_max: int,
     ) -> Hold:
         assert tokens > 0, tokens
         return cls._create(
             cls.Taken,
-            id=uuid.uuid4(),
+            id=chat_id,
             user=user,
             model=model,
             tokens=tokens,

@@ -16,7 +16,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dsproxy.adapters.holds_projection import held_by
 from dsproxy.domain.accounts import (
     API_KEY_PREFIX,
     SESSION_PREFIX,
@@ -151,14 +150,14 @@ def routes(backend: Backend) -> list[Route]:
         account = await backend.node.ledger.db.account(user)
         row = await backend.accounts.user(user)
         view = await backend.meter.view(user)
-        # charges settled but whose debit event is still being issued are consumed already
-        _, _, unissued_tokens = await held_by(backend.node.ledger.db, user)
+        # charges the ledger does not show yet are consumed already
+        unfolded = await backend.meter.charged_unfolded(user)
         return json_response(
             {
                 "id": user,
                 "public_key": user,
                 "tokens": view.tokens_available,
-                "tokens_consumed": (account.debited if account else 0) + unissued_tokens,
+                "tokens_consumed": (account.debited if account else 0) + unfolded,
                 "created_at": row.created_at if row else None,
                 "updated_at": row.updated_at if row else None,
             }

@@ -6,6 +6,7 @@ metrics and the metered streaming response. Route modules (`http_openai`, `http_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -19,7 +20,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsproxy.adapters.accounts_db import AccountsDb
-from dsproxy.adapters.holds_projection import count_open
 from dsproxy.adapters.node_keys import load_secret
 from dsproxy.adapters.tokenizer import Tokenizer
 from dsproxy.adapters.upstream import StreamChunk, Upstream
@@ -135,12 +135,9 @@ class Metrics:
     async def refresh(self, backend: Backend) -> None:
         """Gauges read from the tables at scrape time."""
         db = backend.node.ledger.db
-        self.holds_open.set(await count_open(db))
-        rows = await db.fetch_all(
-            "SELECT COALESCE(SUM(CASE state WHEN 'held' THEN tokens ELSE tokens_charged END), 0) "
-            "FROM holds WHERE state IN ('held', 'settling')"
-        )
-        self.tokens_held.set(int(rows[0][0]))
+        holds_open, tokens_held = backend.meter.totals()
+        self.holds_open.set(holds_open)
+        self.tokens_held.set(tokens_held)
         has_outbox = await db.fetch_all(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
         )
@@ -240,7 +237,15 @@ async def open_backend(settings: Settings) -> Backend:
     node = await Node.open(settings)
     accounts = await AccountsDb.open(settings.data_dir / "backend.sqlite")
     ledger = node.ledger
-    meter = Meter(ledger.store, ledger.db, ledger.projector, address(settings), secret_hex, catalog)
+    meter = Meter(
+        ledger.store,
+        ledger.db,
+        ledger.projector,
+        address(settings),
+        secret_hex,
+        catalog,
+        wake_projector=node.wake.set,
+    )
     upstream = Upstream(
         settings.upstream_url,
         api_key,
@@ -278,10 +283,12 @@ async def open_backend(settings: Settings) -> Backend:
 
 
 async def close_backend(backend: Backend) -> None:
-    await backend.meter.drain()  # settled charges become debit events before the files close
-    await backend.upstream.aclose()
-    await backend.accounts.close()
-    await backend.node.aclose()
+    """Close everything, each part even if another failed to close."""
+    async with contextlib.AsyncExitStack() as parts:
+        parts.push_async_callback(backend.node.aclose)
+        parts.push_async_callback(backend.accounts.close)
+        parts.push_async_callback(backend.upstream.aclose)
+        await backend.meter.drain()  # settled charges become debit events before files close
 
 
 # --- requests and responses ----------------------------------------------------------------------

@@ -14,19 +14,14 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
-from attrs import define, frozen
+from attrs import define, evolve, frozen
 
 from dsproxy.adapters.event_store import AsyncEventStore
-from dsproxy.adapters.holds_projection import (
-    debit_recorded,
-    held_by,
-    open_holds,
-    unissued,
-    users_with_unissued,
-)
+from dsproxy.adapters.holds_projection import open_holds, unissued_charges
 from dsproxy.adapters.projection_db import ProjectionDb
 from dsproxy.adapters.tokenizer import Tokenizer
 from dsproxy.adapters.upstream import StreamChunk, Upstream, UpstreamStream
@@ -42,6 +37,7 @@ from dsproxy.domain.metering import (
 )
 from dsproxy.errors import (
     ContextTooLong,
+    DuplicateEvent,
     InsufficientTokens,
     InvalidParameter,
     RateLimited,
@@ -49,8 +45,13 @@ from dsproxy.errors import (
 )
 from dsproxy.services.projector import Projector
 from dsproxy.wire.envelope import Address, seal
-from dsproxy.wire.event import NostrEvent, parse_event
+from dsproxy.wire.event import parse_event
 from dsproxy.wire.messages import Transaction
+from projections import Book, fold_into
+from projections import issue as issue_charges
+from projections import release as release_hold
+from projections import reserve as reserve_hold
+from projections import settle as settle_hold
 
 __all__ = [
     "Charge",
@@ -66,6 +67,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+DEBIT_BATCH_S = 0.25  # a user's charges settled within this long share one debit event
 DEBIT_SKEW_S = 20  # equal debits of one user spread over this many past seconds (relays allow ~30)
 DEBIT_SECONDS_TRACKED_MAX = 100_000
 
@@ -106,7 +108,13 @@ class Recovery:
 
 
 class Meter:
-    """Holds and debits of every user, over the event store and its projection."""
+    """Holds and charges of every user: decided in memory, recorded in the event store.
+
+    Each user's `Book` (projections.holds) is the ledger balance plus what the ledger does not
+    show yet. A decision reads the book and changes it with no await in between, so concurrent
+    chats of one user can never reserve more than the balance. The projector tells the meter,
+    right after each commit, which balances changed and how far it has folded.
+    """
 
     def __init__(
         self,
@@ -116,57 +124,99 @@ class Meter:
         address: Address,
         secret_hex: str,
         catalog: ModelCatalog,
+        *,
+        wake_projector: Callable[[], None] | None = None,
+        books_idle_max: int = 100_000,
+        debit_batch_s: float = DEBIT_BATCH_S,
     ) -> None:
         self.store, self.db, self.projector = store, db, projector
         self.address, self.catalog = address, catalog
         self._secret_hex = secret_hex
-        self._user_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._wake_projector = wake_projector or (lambda: None)
+        self._books: OrderedDict[str, Book] = OrderedDict()
+        self._books_idle_max = books_idle_max
+        self._stale: set[str] = set()  # balances another process may have moved
+        self._folded_to = 0  # the position every book's balance is true at
         self._debit_seconds: dict[tuple[str, int], set[int]] = {}
         self._issuers: dict[str, asyncio.Task[None]] = {}
         self._issue_wake: dict[str, asyncio.Event] = {}
+        self._debit_batch_s = debit_batch_s
+        self._flush = asyncio.Event()  # set while draining: issue without waiting for more
+        projector.listeners.append(self)
 
-    async def catch_up(self) -> None:
-        await self.projector.catch_up()  # it runs one caller at a time
+    # --- what the projector tells us (FoldListener) ---
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, user: str) -> AsyncIterator[None]:
-        lock, users = self._user_locks.setdefault(user, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._user_locks[user]
+    def folded(self, balances: Mapping[str, int], position: int) -> None:
+        self._folded_to = max(self._folded_to, position)
+        for user, balance in balances.items():
+            if user in self._books:
+                self._books[user] = fold_into(self._books[user], balance, self._folded_to)
+
+    def moved(self) -> None:
+        self._stale.update(self._books)
+
+    # --- books ---
+
+    async def _book(self, user: str) -> Book:
+        """The user's book, its balance read from the projection the first time."""
+        book = self._books.get(user)
+        if book is not None and user not in self._stale:
+            self._books.move_to_end(user)
+            return fold_into(book, None, self._folded_to)
+        while True:
+            balance, position = await self.db.balance_at(user)
+            if position >= self._folded_to:  # no fold was announced after this read
+                break
+        book = evolve(self._books.get(user, Book()), balance=balance)
+        self._books[user] = book = fold_into(book, None, position)
+        self._stale.discard(user)
+        self._forget_idle_books()
+        return book
+
+    def _forget_idle_books(self) -> None:
+        if len(self._books) <= self._books_idle_max:
+            return
+        for user in [user for user, book in self._books.items() if book.idle]:
+            del self._books[user]
+            if len(self._books) <= self._books_idle_max // 2:
+                break
+
+    def _view(self, user: str, book: Book) -> UserView:
+        return UserView(user, book.spendable(self._folded_to), book.held)
 
     async def view(self, user: str) -> UserView:
-        """The user's balance (less charges whose debit is still being issued) and holds."""
-        balance, held, unissued_tokens = await held_by(self.db, user)
-        return UserView(user, balance - unissued_tokens, held)
+        """The user's balance (less charges the ledger does not show yet) and holds."""
+        return self._view(user, await self._book(user))
+
+    async def charged_unfolded(self, user: str) -> int:
+        """Tokens charged that the projection's balance does not include yet."""
+        return (await self._book(user)).charged_unfolded(self._folded_to)
+
+    def totals(self) -> tuple[int, int]:
+        """(open holds, tokens they reserve), over every user."""
+        holds = [tokens for book in self._books.values() for tokens in book.holds.values()]
+        return len(holds), sum(holds)
+
+    # --- chats ---
 
     async def take_hold(
         self, user: str, model: str, prompt_tokens: int, max_tokens: int
     ) -> OpenHold:
-        """Reserve tokens for a chat, or raise InsufficientTokens; atomic per user."""
+        """Reserve tokens for a chat, or raise InsufficientTokens."""
         price = self.catalog.price(model)
-        async with self._locked(user):
-            view = await self.view(user)
-            decision = decide_hold(view, prompt_tokens, max_tokens, price)
-            if isinstance(decision, Refused):
-                raise InsufficientTokens(
-                    f"this chat needs at least {decision.tokens_needed} tokens and "
-                    f"{decision.tokens_available} are available: recharge to continue",
-                    tokens_available=decision.tokens_available,
-                    tokens_needed=decision.tokens_needed,
-                )
-            hold = Hold.take(
-                user, model, decision.tokens, prompt_tokens, decision.completion_tokens_max
+        book = await self._book(user)
+        decision = decide_hold(self._view(user, book), prompt_tokens, max_tokens, price)
+        if isinstance(decision, Refused):
+            raise InsufficientTokens(
+                f"this chat needs at least {decision.tokens_needed} tokens and "
+                f"{decision.tokens_available} are available: recharge to continue",
+                tokens_available=decision.tokens_available,
+                tokens_needed=decision.tokens_needed,
             )
-            await self.store.save(hold)
-            await self.catch_up()
+        chat_id = uuid.uuid4()
+        self._books[user] = reserve_hold(book, chat_id.hex, decision.tokens, self._folded_to)
         return OpenHold(
-            hold.id,
+            chat_id,
             user,
             model,
             decision.tokens,
@@ -175,26 +225,48 @@ class Meter:
             price,
         )
 
+    def _facts(self, hold: OpenHold) -> Hold:
+        return Hold.take(
+            hold.chat_id,
+            hold.user,
+            hold.model,
+            hold.tokens,
+            hold.prompt_tokens,
+            hold.completion_tokens_max,
+        )
+
     async def settle(self, hold: OpenHold, usage: Usage) -> Charge:
-        """Replace the hold by the exact charge (durable now); its debit event follows."""
+        """Record the exact charge (durable before this returns); its debit event follows."""
         tokens = debit_for(hold.price, usage, hold.tokens)
         if tokens == 0:
             return await self.release(hold, "nothing to charge")
         outcome = HoldOutcome.settled(
             hold.chat_id, hold.user, tokens, usage.prompt_tokens, usage.completion_tokens
         )
-        await self.store.save(outcome)
-        await self.catch_up()
+        try:
+            await self.store.record([], self._facts(hold), outcome)
+        except BaseException:
+            self._books[hold.user] = release_hold(await self._book(hold.user), hold.chat_id.hex)
+            raise
+        book = settle_hold(await self._book(hold.user), hold.chat_id.hex, tokens)
+        self._books[hold.user] = book
         self.issue_debits(hold.user)
-        view = await self.view(hold.user)
+        view = self._view(hold.user, book)
         return Charge(tokens, view.balance, view.tokens_available, usage)
 
     async def release(self, hold: OpenHold, reason: str) -> Charge:
-        """Close the hold with no debit."""
-        await self.store.save(HoldOutcome.released(hold.chat_id, hold.user, reason))
-        await self.catch_up()
-        view = await self.view(hold.user)
+        """Close the hold with no charge (recorded, so the chat's end is on file)."""
+        try:
+            await self.store.record(
+                [], self._facts(hold), HoldOutcome.released(hold.chat_id, hold.user, reason)
+            )
+        finally:
+            book = release_hold(await self._book(hold.user), hold.chat_id.hex)
+            self._books[hold.user] = book
+        view = self._view(hold.user, book)
         return Charge(0, view.balance, view.tokens_available)
+
+    # --- debits ---
 
     def issue_debits(self, user: str) -> None:
         """Make sure this user's issuer runs: it signs debits for their settled charges."""
@@ -205,40 +277,45 @@ class Meter:
 
     async def _issue(self, user: str) -> None:
         """One user's debits, one batch at a time: all their settled charges not yet issued,
-        summed into one signed Transaction with an id no other debit has."""
+        summed into one signed Transaction with an id no other debit has.
+
+        Each batch first waits a moment for more charges: a busy user's chats then cost one
+        signature, one write, one fold and one relay message per batch instead of each."""
         wake = self._issue_wake[user]
         try:
             while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._debit_batch_s):
+                        await self._flush.wait()
                 wake.clear()
-                charges = await unissued(self.db, user)
+                charges = dict(list((await self._book(user)).unissued.items())[:1_000])
                 if not charges:
                     if wake.is_set():  # settled while we looked: look again
                         continue
                     return  # no await from here to `finally`: a new settle starts a new issuer
-                total = sum(charge.tokens_charged for charge in charges)
-                event = await self._unique_debit(user, total)
-                if event is None:  # this sum is used at every allowed second: wait for more
+                total = sum(charges.values())
+                position = await self._record_debit(user, total, list(charges))
+                if position is None:  # this sum is used at every allowed second: wait for more
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(1.0):  # wait_for can eat a cancel on 3.11
                             await wake.wait()
                     continue
-                hold_ids = [charge.chat_id for charge in charges]
-                fact = DebitIssued.issue(user, total, event.id, event.to_json(), hold_ids)
-                await self.store.save(fact)  # first: recovery re-appends the event it carries
-                await self.store.append_nostr([event])
-                await self.catch_up()
+                self._books[user] = issue_charges(await self._book(user), charges, position)
+                self._wake_projector()
         except Exception:
             log.exception("issuing debits of %s failed; start-up recovery will finish it", user)
         finally:
             del self._issuers[user]
             del self._issue_wake[user]
 
-    async def _unique_debit(self, user: str, tokens: int) -> NostrEvent | None:
-        """A signed debit whose id no other debit has, or None if none is free right now.
+    async def _record_debit(self, user: str, tokens: int, chat_ids: list[str]) -> int | None:
+        """Sign and record one debit (and the fact naming the charges it covers), in one write;
+        its store position, or None if no `created_at` is free right now.
 
         The wire format gives a Transaction no nonce: two equal debits of one user signed in the
         same second have the same id, and every store and relay keeps only one. So each gets its
-        own `created_at`, within the relays' clock-skew allowance.
+        own `created_at`, within the relays' clock-skew allowance, and the store refuses an id it
+        already has (signed by an earlier run).
         """
         now = int(time.time())
         used = self._debit_seconds.setdefault((user, tokens), set())
@@ -252,20 +329,29 @@ class Meter:
                 continue
             used.add(created_at)
             event = seal(Transaction(user, -tokens), self.address, self._secret_hex, created_at)
-            if not await debit_recorded(self.db, event.id):  # by an earlier run
-                return event
+            fact = DebitIssued.issue(user, tokens, event.id, event.to_json(), chat_ids)
+            try:
+                outcome = await self.store.record([event], fact, new_only=True)
+            except DuplicateEvent:
+                continue
+            return outcome.appended[0][0]
         return None
 
     async def drain(self) -> None:
-        """Wait until every issuer has finished (settled charges all issued)."""
-        while self._issuers:
-            await asyncio.gather(*self._issuers.values(), return_exceptions=True)
+        """Wait until every settled charge is issued, and the projection has folded it."""
+        self._flush.set()
+        try:
+            while self._issuers:
+                await asyncio.gather(*self._issuers.values(), return_exceptions=True)
+        finally:
+            self._flush.clear()
+        await self.projector.catch_up()
 
     async def recover(self) -> Recovery:
         """Finish what a crash interrupted: debits issued but not stored are appended again
-        (the store dedupes), settled charges not issued are issued, and holds with no outcome
-        are released (the user is never billed for an answer whose delivery we cannot prove)."""
-        await self.catch_up()
+        (the store dedupes), settled charges not issued are issued, and holds recorded without
+        an outcome (by earlier versions) are released."""
+        await self.projector.catch_up()
         leftovers = await open_holds(self.db)
         debits = {row.debit_event for row in leftovers if row.debit_event}
         if debits:
@@ -277,8 +363,14 @@ class Meter:
         ]
         if released:
             await self.store.save(*released)
-        await self.catch_up()
-        users = await users_with_unissued(self.db)
+        await self.projector.catch_up()
+        charges = await unissued_charges(self.db)
+        for charge in charges:
+            book = await self._book(charge.user)
+            self._books[charge.user] = evolve(
+                book, unissued={**book.unissued, charge.chat_id: charge.tokens_charged}
+            )
+        users = sorted({charge.user for charge in charges})
         for user in users:
             self.issue_debits(user)
         return Recovery(len(released), len(debits), len(users))
@@ -290,13 +382,15 @@ class UserLimits:
     def __init__(self, per_minute_max: int, concurrent_max: int, clock: Any = time.monotonic):
         self.per_minute_max, self.concurrent_max = per_minute_max, concurrent_max
         self._clock = clock
-        self._recent: dict[str, list[float]] = {}
+        self._recent: dict[str, deque[float]] = {}
         self._running: dict[str, int] = {}
 
     def admit(self, user: str) -> UserTicket:
         """Count a request in, or raise RateLimited (429)."""
         now = self._clock()
-        recent = [t for t in self._recent.get(user, ()) if now - t < 60.0]
+        recent = self._recent.setdefault(user, deque())
+        while recent and now - recent[0] >= 60.0:
+            recent.popleft()
         if len(recent) >= self.per_minute_max:
             retry_after_s = max(1, int(60.0 - (now - recent[0])) + 1)
             raise RateLimited(
@@ -305,7 +399,6 @@ class UserLimits:
         if self._running.get(user, 0) >= self.concurrent_max:
             raise RateLimited(f"more than {self.concurrent_max} requests at once")
         recent.append(now)
-        self._recent[user] = recent
         self._running[user] = self._running.get(user, 0) + 1
         return UserTicket(self, user)
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ __all__ = [
     "Broadcast",
     "CatchUp",
     "FactProjection",
+    "FoldListener",
     "Projector",
     "classify",
     "open_projection",
@@ -71,6 +72,16 @@ class FactProjection(Protocol):
     def changes(
         self, records: Sequence[StoredRecord]
     ) -> list[tuple[str, list[tuple[Any, ...]]]]: ...
+
+
+class FoldListener(Protocol):
+    """Told, on the event loop, right after each commit: in-memory views stay exact."""
+
+    def folded(self, balances: Mapping[str, int], position: int) -> None:
+        """The projection is at `position`; `balances` are the users whose balance changed."""
+
+    def moved(self) -> None:
+        """Another process wrote the projection: balances read before now may be stale."""
 
 
 @frozen
@@ -135,6 +146,7 @@ class Projector:
         self.page_size = page_size
         self.content_bytes_max = content_bytes_max
         self.applied = Broadcast()  # fired after every catch-up
+        self.listeners: list[FoldListener] = []
         self._one_at_a_time = asyncio.Lock()
         # Committed totals of recently folded users, so a batch rarely reads them back.
         self._accounts: OrderedDict[str, Account] = OrderedDict()
@@ -183,6 +195,14 @@ class Projector:
             raise
         self._remember(touched)
         self._accounts_as_of = batch.last_position
+        balances = {user: account.balance for user, account in touched.items()}
+        for listener in self.listeners:
+            listener.folded(balances, batch.last_position)
+
+    def _moved(self) -> None:
+        self._accounts.clear()
+        for listener in self.listeners:
+            listener.moved()
 
     async def catch_up(self, progress: Callable[[int], None] | None = None) -> CatchUp:
         """Apply everything after the recorded position, one caller at a time.
@@ -193,19 +213,23 @@ class Projector:
         async with self._one_at_a_time:
             position = await self.db.position()
             if position != self._accounts_as_of:  # another process wrote: the cache is stale
-                self._accounts.clear()
+                self._moved()
             total = 0
             while page := await self.store.read(position, self.page_size):
                 try:
                     await self.apply(classify(page, self.content_bytes_max), after=position)
                 except ProjectionMoved:  # another process applied it: go on from there
                     log.warning("projection moved under us; continuing from its position")
+                    self._moved()
                     position = await self.db.position()
                     continue
                 total += len(page)
                 position = page[-1].position
                 if progress is not None:
                     progress(len(page))
+            self._accounts_as_of = position
+            for listener in self.listeners:
+                listener.folded({}, position)
         self.applied.fire()
         return CatchUp(total, position)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -25,7 +25,7 @@ from dsproxy.domain.metering import (
     debit_for,
     decide_hold,
 )
-from projections import Hold, Holds, available, release, reserve, settle
+from projections import Book, fold_into, issue, release, reserve, settle
 
 USERS = ("alice", "bob")
 rates = st.fractions(min_value=0, max_value=4, max_denominator=8)
@@ -65,23 +65,32 @@ def test_the_debit_of_any_usage_within_the_hold_limits_fits_the_hold(
 
 
 class ConcurrentChats(RuleBasedStateMachine):
-    """Chats of two users start, finish, fail and interleave in any order, with credits."""
+    """Chats of two users start, finish and fail in any order while credits arrive, charges are
+    issued as debits, the projection folds them at its own pace, announces its folds late, and
+    balances are read back (as after another process moved the projection)."""
 
     chats = Bundle("chats")
 
     @initialize()
     def start(self) -> None:
-        self.balances = dict.fromkeys(USERS, 0)
-        self.credited = dict.fromkeys(USERS, 0)
-        self.debited = dict.fromkeys(USERS, 0)
-        self.holds = Holds()
-        self.granted: dict[str, tuple[int, Price]] = {}
+        self.books = {user: Book() for user in USERS}
+        self.store: list[tuple[str, int]] = []  # (user, tokens) by position - 1
+        self.committed = 0  # the projection's position
+        self.announced = 0  # the last position the meter was told of
+        self.touched: set[str] = set()  # users whose balance changed since the announcement
+        self.ledger = dict.fromkeys(USERS, 0)  # the projection's balances
+        self.credited = dict.fromkeys(USERS, 0)  # credits committed
+        self.charged = dict.fromkeys(USERS, 0)  # every charge settled
+        self.granted: dict[str, tuple[str, int, int, Price]] = {}
         self.next_id = 0
+
+    def view(self, user: str) -> UserView:
+        book = self.books[user]
+        return UserView(user, book.spendable(self.announced), book.held)
 
     @rule(user=st.sampled_from(USERS), tokens=st.integers(1, 500))
     def credit(self, user: str, tokens: int) -> None:
-        self.balances[user] += tokens
-        self.credited[user] += tokens
+        self.store.append((user, tokens))
 
     @rule(
         target=chats,
@@ -91,14 +100,12 @@ class ConcurrentChats(RuleBasedStateMachine):
         price=prices,
     )
     def start_chat(self, user: str, prompt_tokens: int, max_tokens: int, price: Price) -> str:
-        view = UserView(user, self.balances[user], self.holds.held(user))
-        decision = decide_hold(view, prompt_tokens, max_tokens, price)
+        decision = decide_hold(self.view(user), prompt_tokens, max_tokens, price)
         chat_id = f"chat-{self.next_id}"
         self.next_id += 1
         if isinstance(decision, HoldTaken):
-            hold = Hold(chat_id, user, decision.tokens)
-            self.holds = reserve(self.holds, hold, self.balances[user])
-            self.granted[chat_id] = (decision.completion_tokens_max, price)
+            self.books[user] = reserve(self.books[user], chat_id, decision.tokens, self.announced)
+            self.granted[chat_id] = (user, decision.tokens, decision.completion_tokens_max, price)
         return chat_id
 
     @rule(
@@ -107,33 +114,69 @@ class ConcurrentChats(RuleBasedStateMachine):
         completion_share=st.fractions(0, 1),
     )
     def finish_chat(self, chat_id: str, prompt_tokens: int, completion_share: Fraction) -> None:
-        hold = self.holds.by_chat.get(chat_id)
-        if hold is None:
+        if chat_id not in self.granted:
             return  # refused at start
-        completion_max, price = self.granted.pop(chat_id)
+        user, hold_tokens, completion_max, price = self.granted.pop(chat_id)
         completion = int(completion_max * completion_share)
-        charge = debit_for(price, Usage(prompt_tokens, completion), hold.tokens)
-        self.holds, debit = settle(self.holds, chat_id, charge)
-        self.balances[hold.user] -= debit
-        self.debited[hold.user] += debit
+        charge = debit_for(price, Usage(prompt_tokens, completion), hold_tokens)
+        if charge == 0:
+            self.books[user] = release(self.books[user], chat_id)
+            return
+        self.books[user] = settle(self.books[user], chat_id, charge)
+        self.charged[user] += charge
 
     @rule(chat_id=consumes(chats))
     def fail_chat(self, chat_id: str) -> None:
-        if chat_id in self.holds.by_chat:
-            self.holds = release(self.holds, chat_id)
-            del self.granted[chat_id]
+        if chat_id in self.granted:
+            user = self.granted.pop(chat_id)[0]
+            self.books[user] = release(self.books[user], chat_id)
+
+    @rule(user=st.sampled_from(USERS))
+    def issue_debit(self, user: str) -> None:
+        book = self.books[user]
+        if book.unissued:
+            self.store.append((user, -sum(book.unissued.values())))
+            self.books[user] = issue(book, list(book.unissued), len(self.store))
+
+    @rule(records=st.integers(1, 5))
+    def project(self, records: int) -> None:
+        """The projector commits the next records; the meter is told later (`announce`)."""
+        for user, tokens in self.store[self.committed : self.committed + records]:
+            self.ledger[user] += tokens
+            if tokens > 0:
+                self.credited[user] += tokens
+            self.touched.add(user)
+        self.committed = min(len(self.store), self.committed + records)
+
+    @rule()
+    def announce(self) -> None:
+        self.announced = self.committed
+        for user in USERS:
+            balance = self.ledger[user] if user in self.touched else None
+            self.books[user] = fold_into(self.books[user], balance, self.announced)
+        self.touched.clear()
+
+    @rule(user=st.sampled_from(USERS))
+    def read_back(self, user: str) -> None:
+        """A balance read from the projection, possibly ahead of what was announced."""
+        self.books[user] = fold_into(self.books[user], self.ledger[user], self.committed)
 
     @invariant()
     def never_overspent(self) -> None:
         for user in USERS:
-            assert self.balances[user] >= 0
-            assert self.holds.held(user) <= self.balances[user]
-            assert available(self.balances[user], self.holds.held(user)) >= 0
+            assert self.charged[user] + self.books[user].held <= self.credited[user]
 
     @invariant()
-    def credits_minus_debits_is_the_balance(self) -> None:
+    def told_everything_the_book_is_exact(self) -> None:
+        if self.announced == self.committed and not self.touched:
+            for user in USERS:
+                assert self.view(user).balance == self.credited[user] - self.charged[user]
+
+    @invariant()
+    def folded_debits_leave_the_book(self) -> None:
         for user in USERS:
-            assert self.credited[user] - self.debited[user] == self.balances[user]
+            assert all(position > self.announced for position, _ in self.books[user].issued)
 
 
 TestConcurrentChats = ConcurrentChats.TestCase
+TestConcurrentChats.settings = settings(max_examples=300, stateful_step_count=60)
