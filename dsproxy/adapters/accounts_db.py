@@ -104,8 +104,8 @@ class AccountsDb:
         self._bearers: dict[str, tuple[str, int | None, float]] = {}  # user, expiry, until
 
     @classmethod
-    async def open(cls, path: Path) -> AccountsDb:
-        return cls(await open_sqlite(path, [_SCHEMA], what="the accounts database"))
+    async def open(cls, path: Path, clock: Any = time.monotonic) -> AccountsDb:
+        return cls(await open_sqlite(path, [_SCHEMA], what="the accounts database"), clock)
 
     async def close(self) -> None:
         await self._db.close()
