@@ -142,7 +142,8 @@ class EventStore:
         Both or neither: a handler that signs an event and records why (a payment credited, a
         hold settled) can never keep one without the other. A fact that conflicts with one
         already stored (the same aggregate version: a concurrent change) aborts the whole write,
-        and so does, with `new_only`, an event already stored (DuplicateEvent).
+        and so does, with `new_only`, an event already stored (DuplicateEvent). The facts take
+        the earlier positions.
         """
         stored_facts = [
             self.application.mapper.to_stored_event(fact)
@@ -153,6 +154,12 @@ class EventStore:
         duplicates: list[str] = []
         try:
             with self._recorder.datastore.transaction(commit=True) as cursor:
+                if stored_facts:
+                    # first, so a projection paging through the log meets the facts that
+                    # explain an event (a debit's DebitIssued) no later than the event;
+                    # the recorder's own insert, inside our transaction (as its process
+                    # recorder does with tracking records)
+                    self._recorder._insert_events(cursor, stored_facts)
                 for event in events:
                     cursor.execute(
                         self._insert_ignore,
@@ -165,10 +172,6 @@ class EventStore:
                         raise DuplicateEvent(f"event {event.id} is already stored")
                     else:
                         duplicates.append(event.id)
-                if stored_facts:
-                    # the recorder's own insert, inside our transaction (as its process
-                    # recorder does with tracking records)
-                    self._recorder._insert_events(cursor, stored_facts)
         except PersistenceError as exc:
             raise StoreError(
                 f"could not record {len(events)} events and {len(stored_facts)} facts: {exc}"

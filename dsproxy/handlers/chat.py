@@ -162,7 +162,8 @@ class Meter:
         book = self._books.get(user)
         if book is not None and user not in self._stale:
             self._books.move_to_end(user)
-            return fold_into(book, None, self._folded_to)
+            self._books[user] = book = fold_into(book, None, self._folded_to)
+            return book
         while True:
             balance, position = await self.db.balance_at(user)
             if position >= self._folded_to:  # no fold was announced after this read
@@ -245,10 +246,11 @@ class Meter:
         )
         try:
             await self.store.record([], self._facts(hold), outcome)
-        except BaseException:
-            self._books[hold.user] = release_hold(await self._book(hold.user), hold.chat_id.hex)
+        except Exception:  # not recorded: not charged (a cancel may have recorded it: keep it)
+            self._books[hold.user] = release_hold(self._books[hold.user], hold.chat_id.hex)
             raise
-        book = settle_hold(await self._book(hold.user), hold.chat_id.hex, tokens)
+        # the book holds this chat's hold, so it is never forgotten: no await before the change
+        book = settle_hold(self._books[hold.user], hold.chat_id.hex, tokens)
         self._books[hold.user] = book
         self.issue_debits(hold.user)
         view = self._view(hold.user, book)
@@ -261,9 +263,9 @@ class Meter:
                 [], self._facts(hold), HoldOutcome.released(hold.chat_id, hold.user, reason)
             )
         finally:
-            book = release_hold(await self._book(hold.user), hold.chat_id.hex)
-            self._books[hold.user] = book
-        view = self._view(hold.user, book)
+            if hold.user in self._books:  # no await before the change
+                self._books[hold.user] = release_hold(self._books[hold.user], hold.chat_id.hex)
+        view = await self.view(hold.user)
         return Charge(0, view.balance, view.tokens_available)
 
     # --- debits ---
@@ -300,7 +302,8 @@ class Meter:
                         async with asyncio.timeout(1.0):  # wait_for can eat a cancel on 3.11
                             await wake.wait()
                     continue
-                self._books[user] = issue_charges(await self._book(user), charges, position)
+                book = issue_charges(self._books[user], charges, position)  # no await first
+                self._books[user] = fold_into(book, None, self._folded_to)
                 self._wake_projector()
         except Exception:
             log.exception("issuing debits of %s failed; start-up recovery will finish it", user)
@@ -632,13 +635,16 @@ class ChatHandler:
             await self._release(hold, reason)
             raise
         self.observe_latency(started_s)
+        settle = asyncio.ensure_future(self._charge_answer(hold, answer))
+        charge = await asyncio.shield(settle)  # a disconnect now must not leave the hold open
+        return answer, charge
+
+    async def _charge_answer(self, hold: OpenHold, answer: Mapping[str, Any]) -> Charge:
         usage = _usage_of(answer)
         if usage is None:
             text = "".join(_choice_texts(answer.get("choices"), "message"))
             usage = Usage(hold.prompt_tokens, await self.tokenizer.count_async(text))
-        settle = asyncio.ensure_future(self.charge(hold, usage))
-        charge = await asyncio.shield(settle)
-        return answer, charge
+        return await self.charge(hold, usage)
 
     async def stream(self, user: str, request: ChatRequest) -> ChatStream:
         """Open a streamed chat; an upstream error here has charged nothing."""

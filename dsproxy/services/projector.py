@@ -190,7 +190,9 @@ class Projector:
                 after=after,
             )
         except BaseException:
-            self._accounts.clear()  # the write may not have happened: forget what it said
+            # the write may not have happened, yet a reader on the same connection may have
+            # seen it: forget what it said, and tell the listeners to read again
+            self._moved()
             self._accounts_as_of = None
             raise
         self._remember(touched)

@@ -116,7 +116,7 @@ def test_record_writes_events_and_facts_together_or_not_at_all(
     credit_event = credit(address, USER, 5)
     outcome = store.record([credit_event], payment)
     assert [event_id for _, event_id in outcome.appended] == [credit_event.id]
-    assert [r.is_nostr for r in store.read(0, 10)] == [True, False]
+    assert [r.is_nostr for r in store.read(0, 10)] == [False, True]  # the fact comes first
 
     stale = store.application.repository.get(payment.id)
     fresh = store.application.repository.get(payment.id)

@@ -3,13 +3,18 @@ once, an issued debit is appended exactly once, a hold with no recorded outcome 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from dsproxy.adapters.holds_projection import open_holds
+from dsproxy.bootstrap import fact_projections, trust_policy
 from dsproxy.config import Settings, load_settings
 from dsproxy.domain.chat_facts import DebitIssued, HoldOutcome
 from dsproxy.domain.metering import Usage
 from dsproxy.entrypoints.http_api import close_backend, open_backend
 from dsproxy.errors import StoreError
+from dsproxy.services.projector import Projector, open_projection
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.messages import Transaction
 from tests.conftest import BACKEND_SECRET
@@ -104,5 +109,32 @@ async def test_settling_twice_is_refused_by_the_store(node_env: dict[str, str]) 
             await backend.meter.release(hold, "a second outcome")
         view = await backend.meter.view(USER)
         assert (view.balance, view.held) == (85, 0)
+    finally:
+        await close_backend(backend)
+
+
+async def test_every_issued_charge_is_settled_whatever_the_projector_page_size(
+    node_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A debit's DebitIssued fact and its event are folded in separate pages when the page is
+    one record: the hold must still end `settled`, never left for recovery to redo."""
+    settings = settings_for(node_env)
+    append_credit(settings, USER, 100)
+    backend = await open_backend(settings)
+    try:
+        for completion in (5, 7):
+            hold = await backend.meter.take_hold(USER, "deepseek-chat", 10, 20)
+            await backend.meter.settle(hold, Usage(10, completion))
+        await backend.meter.drain()
+        store = backend.node.ledger.store
+        extensions = fact_projections(settings)
+        policy = trust_policy(settings)
+        db = await open_projection(store, tmp_path / "paged.sqlite", policy, extensions=extensions)
+        try:
+            await Projector(store, db, policy, page_size=1, extensions=extensions).catch_up()
+            assert await open_holds(db) == []
+            assert (await db.account(USER)).balance == 100 - 15 - 17  # type: ignore[union-attr]
+        finally:
+            await db.close()
     finally:
         await close_backend(backend)
