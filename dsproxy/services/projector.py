@@ -222,7 +222,6 @@ class Projector:
                     await self.apply(classify(page, self.content_bytes_max), after=position)
                 except ProjectionMoved:  # another process applied it: go on from there
                     log.warning("projection moved under us; continuing from its position")
-                    self._moved()
                     position = await self.db.position()
                     continue
                 total += len(page)
