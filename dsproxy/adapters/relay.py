@@ -1,30 +1,37 @@
-"""Nostr relays through nostr-sdk: one connection, history pages, live events, publishing.
+"""Nostr relays (NIP-01) over aiohttp websockets: one connection, history pages, live events,
+publishing.
 
-A `RelayConnection` is one websocket to one relay with nostr-sdk's own reconnect turned off: the
-ingest and the outbox decide when to retry, so that every reconnect is followed by a history
-fetch from the checkpoint. Relay messages are read raw (`RelayMessage.as_json()`), so a history
-page is known to be complete only when its EOSE arrives, and events go to the caller as the
-relay sent them; the caller verifies them (id and signature) before anything else.
+A `RelayConnection` is one websocket to one relay and never reconnects by itself: the ingest
+and the outbox decide when to retry, so that every reconnect is followed by a history fetch from
+the checkpoint. Messages are NIP-01 JSON arrays read as the relay sent them; events go to the
+caller unverified, and the caller verifies them (id and signature) before anything else.
+
+Why not nostr-sdk's client: its Python binding delivers each relay message through an async FFI
+call and string copies, about 100 µs a message (measured by scripts/bench_ingest.py), more than
+the relay takes to send it. aiohttp reads a message in about 11 µs. nostr-sdk stays for keys and
+for the in-process test relay.
 
 Paging: relays return the newest `limit` events of a filter, at most `events_per_page_max`
 (LocalRelay 500), so history is read newest first by moving `until` down. Relays disagree on
 whether `until` is inclusive (NIP-01, LocalRelay) or exclusive (nostr-relay), so the next page
-re-asks for the oldest second of the last one and duplicates are dropped by id.
+re-asks for the oldest second of the last one and duplicates are dropped by id. A page reaches
+the caller in chunks while it streams in; it is complete only when its EOSE arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+import aiohttp
 import nostr_sdk
 import orjson
 from attrs import frozen
+from yarl import URL
 
 from dsproxy.domain.publication import RelayAnswer, RelayResult, answer_of
 from dsproxy.errors import DsproxyError
@@ -33,6 +40,7 @@ from dsproxy.wire.event import NostrEvent
 
 __all__ = [
     "EventSink",
+    "HistoryPage",
     "RelayConnection",
     "RelayPublisher",
     "RelayUnavailable",
@@ -46,6 +54,13 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, dict[str, Any]], Awaitable[None]]
 """Receives (relay url, event object as the relay sent it, not yet verified)."""
+
+CHUNK_EVENTS = 256
+"""A history page goes to the caller in chunks of this many events (the last may be shorter)."""
+
+MESSAGE_BYTES_MAX = 4 * 1024 * 1024
+HEARTBEAT_S = 30.0
+"""aiohttp pings this often and drops a connection whose pong does not come back."""
 
 _subscription_numbers = itertools.count(1)
 
@@ -87,93 +102,125 @@ def next_until(
     return following if following >= since else None
 
 
-def _as_event_object(message: Any) -> tuple[str, dict[str, Any]] | None:
-    if (
-        isinstance(message, list)
-        and len(message) >= 3
-        and message[0] == "EVENT"
-        and isinstance(message[1], str)
-        and isinstance(message[2], dict)
-    ):
-        return message[1], message[2]
-    return None
+def _websocket_url(url: str) -> URL:
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.scheme not in ("ws", "wss") or not parsed.host:
+        raise RelayUnavailable(f"relay {url!r} is not a valid websocket URL")
+    return parsed
+
+
+class _Page:
+    """Events of one history query as they stream in, until its EOSE (or CLOSED, or loss)."""
+
+    def __init__(self, chunk_len: int) -> None:
+        self.chunk_len = chunk_len
+        self.events: list[dict[str, Any]] = []
+        self.ready = asyncio.Event()
+        self.complete = False
+        self.failed: str | None = None
+
+    def add(self, obj: dict[str, Any]) -> None:
+        self.events.append(obj)
+        if len(self.events) >= self.chunk_len:
+            self.ready.set()
+
+    def end(self, failure: str | None = None) -> None:
+        self.complete, self.failed = True, failure
+        self.ready.set()
+
+    def take(self) -> list[dict[str, Any]]:
+        taken, self.events = self.events, []
+        self.ready.clear()
+        return taken
 
 
 class RelayConnection:
     """One websocket to one relay (no automatic reconnect); open with `await open()`."""
 
     def __init__(
-        self,
-        url: str,
-        *,
-        timeout_s: float = 10.0,
-        notifications_len_max: int = 65_536,
-        on_live: EventSink | None = None,
+        self, url: str, *, timeout_s: float = 10.0, on_live: EventSink | None = None
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self._notifications_len_max = notifications_len_max
         self._on_live = on_live
-        self._client: nostr_sdk.Client | None = None
-        self._relay_url: nostr_sdk.RelayUrl | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._socket: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
         self._live_id: str | None = None
         self._pages: dict[str, _Page] = {}
         self._lost: str | None = None
+        self._gone = asyncio.Event()
         self._awaiting_ok: tuple[str, asyncio.Future[tuple[bool, str]]] | None = None
 
     async def open(self) -> None:
         """Connect within `timeout_s`, or raise RelayUnavailable."""
+        target = _websocket_url(self.url)
+        # No permessage-deflate: on loopback and LANs it costs more CPU than it saves.
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         try:
-            self._relay_url = nostr_sdk.RelayUrl.parse(self.url)
-        except Exception as exc:  # nostr-sdk raises its own NostrSdkError for a bad URL
-            raise RelayUnavailable(f"relay {self.url!r} is not a valid websocket URL") from exc
-        client = (
-            nostr_sdk.ClientBuilder().notification_channel_size(self._notifications_len_max).build()
-        )
-        self._client = client
-        await client.add_relay(self._relay_url, opts=nostr_sdk.RelayOptions().reconnect(False))
-        stream = client.notifications()  # before any REQ, so no message is missed
-        output = await client.try_connect(datetime.timedelta(seconds=self.timeout_s))
-        if self._relay_url not in output.success:
-            reason = next(iter(output.failed.values()), "no answer")
+            async with asyncio.timeout(self.timeout_s):
+                self._socket = await self._session.ws_connect(
+                    target,
+                    compress=0,
+                    heartbeat=HEARTBEAT_S,
+                    max_msg_size=MESSAGE_BYTES_MAX,
+                    autoping=True,
+                )
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             await self.close()
-            raise RelayUnavailable(f"cannot connect to {self.url}: {reason}")
-        self._reader = asyncio.create_task(self._read(stream), name=f"relay-reader {self.url}")
+            raise RelayUnavailable(f"cannot connect to {self.url}: {exc or 'no answer'}") from exc
+        self._reader = asyncio.create_task(self._read(self._socket), name=f"relay {self.url}")
 
-    async def _read(self, stream: nostr_sdk.ClientNotificationStream) -> None:
-        while (notification := await stream.next()) is not None:
-            if not notification.is_message():
-                continue
-            try:
-                message = orjson.loads(notification.message.as_json())
-            except orjson.JSONDecodeError:
-                continue
-            await self._route(message)
+    async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            async for message in socket:
+                if message.type is aiohttp.WSMsgType.TEXT:
+                    try:
+                        parsed = orjson.loads(message.data)
+                    except orjson.JSONDecodeError:
+                        log.info("%s sent a message that is not JSON", self.url)
+                        continue
+                    await self._route(parsed)
+                    if self._lost is not None:
+                        break
+                elif message.type is aiohttp.WSMsgType.ERROR:
+                    self._lost = f"connection error: {socket.exception()}"
+                    break
+        finally:
+            self._lost = self._lost or f"connection closed (code {socket.close_code})"
+            self._gone.set()
+            for page in self._pages.values():
+                page.end(self._lost)
+            if self._awaiting_ok is not None and not self._awaiting_ok[1].done():
+                self._awaiting_ok[1].set_exception(RelayUnavailable(self._lost))
+            with contextlib.suppress(Exception):  # closing a dead socket may complain
+                await socket.close()
 
     async def _route(self, message: Any) -> None:
-        event = _as_event_object(message)
-        if event is not None:
-            subscription, obj = event
-            if subscription == self._live_id and self._on_live is not None:
-                await self._on_live(self.url, obj)
-            elif subscription in self._pages:
-                self._pages[subscription].events.append(obj)
-            return
         if not isinstance(message, list) or len(message) < 2:
             return
         kind, subscription = message[0], message[1]
-        if kind == "OK" and len(message) >= 3:
+        if kind == "EVENT":
+            obj = message[2] if len(message) >= 3 else None
+            if not isinstance(obj, dict):
+                return
+            if subscription == self._live_id and self._on_live is not None:
+                await self._on_live(self.url, obj)
+            elif subscription in self._pages:
+                self._pages[subscription].add(obj)
+        elif kind == "OK" and len(message) >= 3:
             self._on_ok(
                 str(subscription), bool(message[2]), str(message[3]) if len(message) > 3 else ""
             )
         elif kind == "EOSE" and subscription in self._pages:
-            self._pages[subscription].done.set()
+            self._pages[subscription].end()
         elif kind == "CLOSED":
             reason = str(message[2]) if len(message) > 2 else ""
             if subscription in self._pages:
-                self._pages[subscription].closed = reason or "closed"
-                self._pages[subscription].done.set()
+                self._pages[subscription].end(f"closed: {reason or 'no reason'}")
             elif subscription == self._live_id:
                 self._lost = f"relay closed the live subscription: {reason}"
                 log.warning("%s: %s", self.url, self._lost)
@@ -189,79 +236,82 @@ class RelayConnection:
                 log.info("%s answered OK without the event id: %s", self.url, reason)
             answer.set_result((accepted, reason))
 
-    def _require(self) -> tuple[nostr_sdk.Client, nostr_sdk.RelayUrl]:
-        assert self._client is not None and self._relay_url is not None, "open() first"
-        return self._client, self._relay_url
+    async def _send(self, message: list[Any]) -> None:
+        socket = self._socket
+        if socket is None or not self.is_connected():
+            raise RelayUnavailable(f"{self.url}: {self._lost or 'not connected'}")
+        try:
+            await socket.send_str(orjson.dumps(message).decode())
+        except (aiohttp.ClientError, OSError) as exc:
+            raise RelayUnavailable(f"{self.url}: cannot send: {exc}") from exc
 
-    async def is_connected(self) -> bool:
-        if self._client is None or self._relay_url is None or self._lost is not None:
-            return False
-        relay = await self._client.relay(self._relay_url)
-        return relay is not None and relay.status() == nostr_sdk.RelayStatus.CONNECTED
+    def is_connected(self) -> bool:
+        return self._socket is not None and not self._socket.closed and self._lost is None
 
     async def subscribe_live(self, query: dict[str, Any]) -> None:
         """Open the long-lived subscription whose events go to `on_live`."""
-        client, relay_url = self._require()
         self._live_id = f"live-{next(_subscription_numbers)}"
-        target = nostr_sdk.ReqTarget.single(
-            relay_url, [nostr_sdk.Filter.from_json(orjson.dumps(query).decode())]
-        )
-        output = await client.subscribe(target, id=self._live_id)
-        if relay_url not in output.success:
-            raise RelayUnavailable(f"{self.url} refused the subscription: {output.failed}")
+        await self._send(["REQ", self._live_id, query])
 
-    async def fetch_page(self, query: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every stored event of one filter, complete only when the relay sent EOSE."""
-        client, relay_url = self._require()
+    async def read_page(
+        self, query: dict[str, Any], chunk_len: int = CHUNK_EVENTS
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every stored event of one filter, in chunks as they arrive; ends at the EOSE.
+
+        Raises RelayUnavailable if the relay closes the query, the connection drops, or
+        `timeout_s` passes with neither a full chunk nor the EOSE.
+        """
         subscription = f"page-{next(_subscription_numbers)}"
-        page = self._pages[subscription] = _Page()
+        page = self._pages[subscription] = _Page(chunk_len)
         try:
-            close_on = nostr_sdk.SubscribeAutoCloseOptions().exit_policy(
-                nostr_sdk.ReqExitPolicy.EXIT_ON_EOSE()
-            )
-            target = nostr_sdk.ReqTarget.single(
-                relay_url, [nostr_sdk.Filter.from_json(orjson.dumps(query).decode())]
-            )
-            output = await client.subscribe(target, id=subscription, close_on=close_on)
-            if relay_url not in output.success:
-                raise RelayUnavailable(f"{self.url} refused a history query: {output.failed}")
-            try:
-                await asyncio.wait_for(page.done.wait(), timeout=self.timeout_s)
-            except TimeoutError:
-                raise RelayUnavailable(
-                    f"{self.url} sent no EOSE within {self.timeout_s} s for {query}"
-                ) from None
-            if page.closed is not None:
-                raise RelayUnavailable(f"{self.url} closed a history query: {page.closed}")
-            return page.events
+            await self._send(["REQ", subscription, query])
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        await page.ready.wait()
+                except TimeoutError:
+                    raise RelayUnavailable(
+                        f"{self.url} sent neither events nor EOSE for {self.timeout_s} s on {query}"
+                    ) from None
+                complete, chunk = page.complete, page.take()  # complete may change at yield
+                if page.failed is not None:
+                    raise RelayUnavailable(f"{self.url}: history query failed: {page.failed}")
+                if chunk:
+                    yield chunk
+                if complete:
+                    return
         finally:
             del self._pages[subscription]
+            if self.is_connected():  # after EOSE a subscription stays open until CLOSE
+                with contextlib.suppress(RelayUnavailable):
+                    await self._send(["CLOSE", subscription])
+
+    async def fetch_page(self, query: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every stored event of one filter, once its EOSE came."""
+        events: list[dict[str, Any]] = []
+        async with contextlib.aclosing(self.read_page(query)) as chunks:
+            async for chunk in chunks:
+                events.extend(chunk)
+        return events
 
     async def publish(self, event: NostrEvent) -> RelayResult:
         """Send one event and wait for the relay's OK; never raises for a refusal.
 
-        The OK is read from the raw messages, not matched by nostr-sdk: nostr-relay answers a
-        refused event with an empty id (`["OK", "", false, "invalid: ..."]`), which nostr-sdk
-        cannot match and reports as a timeout. One event at a time per connection makes an
-        OK without an id unambiguous.
+        nostr-relay answers a refused event with an empty id (`["OK", "", false, "invalid:
+        ..."]`); one event at a time per connection makes such an OK unambiguous.
         """
-        if not await self.is_connected():
+        if not self.is_connected():
             return RelayResult(self.url, RelayAnswer.UNREACHABLE, self._lost or "not connected")
-        client, relay_url = self._require()
         assert self._awaiting_ok is None, "one publish at a time per connection"
         answer: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
         self._awaiting_ok = (event.id, answer)
         try:
-            output = await client.send_event(
-                nostr_sdk.Event.from_json(event.to_json()),
-                target=nostr_sdk.SendEventTarget.to([relay_url]),
-                ack_policy=nostr_sdk.AckPolicy.none(),
-            )
-            if relay_url not in output.success:
-                reason = str(output.failed.get(relay_url, "not sent"))
-                return RelayResult(self.url, RelayAnswer.UNREACHABLE, reason)
             try:
-                accepted, reason = await asyncio.wait_for(answer, self.timeout_s)
+                await self._send(["EVENT", event.to_obj()])
+                async with asyncio.timeout(self.timeout_s):
+                    accepted, reason = await answer
+            except RelayUnavailable as exc:
+                return RelayResult(self.url, RelayAnswer.UNREACHABLE, str(exc))
             except TimeoutError:
                 return await self._after_silence(event)
             return answer_of(self.url, accepted, reason)
@@ -280,43 +330,38 @@ class RelayConnection:
             return RelayResult(self.url, RelayAnswer.ACCEPTED, "stored (its OK was lost)")
         # nostr-relay also throttles a connection harder after each refusal: start afresh.
         self._lost = "the relay went silent on an event"
+        if self._socket is not None:
+            await self._socket.close()  # the reader ends, and with it every wait on us
         return RelayResult(
             self.url,
             RelayAnswer.REJECTED,
             f"silent: no OK within {self.timeout_s} s and the relay does not have the event",
         )
 
-    async def wait_lost(self, poll_s: float = 0.25) -> str:
-        """Return (with why) once the connection is gone; polls the status every `poll_s`."""
-        # nostr-sdk has no awaitable for status changes: poll
-        while await self.is_connected():  # noqa: ASYNC110
-            await asyncio.sleep(poll_s)
+    async def wait_lost(self) -> str:
+        """Return (with why) once the connection is gone."""
+        await self._gone.wait()
         return self._lost or "disconnected"
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):  # shutting down a dead socket may complain
-                await client.shutdown()
+        socket, self._socket = self._socket, None
+        if socket is not None:
+            with contextlib.suppress(Exception):  # closing a dead socket may complain
+                await socket.close()
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-
-
-class _Page:
-    """Events of one history query, until its EOSE (or CLOSED)."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.done = asyncio.Event()
-        self.closed: str | None = None
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
 @frozen
 class HistoryPage:
-    """One page of history: the events (unverified objects) not seen on earlier pages."""
+    """Part of a page of history: events (unverified objects) not seen before, in arrival
+    order; `overflowed` marks the end of a page that one second filled alone."""
 
     events: tuple[dict[str, Any], ...]
     overflowed: bool = False
@@ -329,27 +374,32 @@ async def fetch_history(
     seen: set[str] = set()
     until: int | None = None
     while True:
-        events = await connection.fetch_page(session_filter(address, since, until, page_max))
-        fresh = []
-        created_ats = []
-        for obj in events:
-            created_at, event_id = obj.get("created_at"), obj.get("id")
-            if type(created_at) is int:
-                created_ats.append(created_at)
-            if isinstance(event_id, str) and event_id not in seen:
-                seen.add(event_id)
-                fresh.append(obj)
-        following = next_until(created_ats, until, since, page_max, len(fresh))
-        overflowed = following is not None and not fresh
-        if overflowed:
+        created_ats: list[int] = []
+        fresh_count = 0
+        query = session_filter(address, since, until, page_max)
+        async with contextlib.aclosing(connection.read_page(query)) as chunks:
+            async for chunk in chunks:
+                fresh = []
+                for obj in chunk:
+                    created_at, event_id = obj.get("created_at"), obj.get("id")
+                    if type(created_at) is int:
+                        created_ats.append(created_at)
+                    if isinstance(event_id, str) and event_id not in seen:
+                        seen.add(event_id)
+                        fresh.append(obj)
+                fresh_count += len(fresh)
+                if fresh:
+                    yield HistoryPage(tuple(fresh))
+        following = next_until(created_ats, until, since, page_max, fresh_count)
+        if following is not None and not fresh_count:
             log.warning(
                 "%s returned a full page of %d events at second %s alone: events of that second "
                 "beyond the relay's page limit may be missed",
                 connection.url,
-                len(events),
+                len(created_ats),
                 min(created_ats),
             )
-        yield HistoryPage(tuple(fresh), overflowed)
+            yield HistoryPage((), overflowed=True)
         if following is None:
             return
         until = following
@@ -371,7 +421,7 @@ class RelayPublisher:
 
     async def _connection(self, url: str) -> RelayConnection:
         connection = self._connections.get(url)
-        if connection is not None and await connection.is_connected():
+        if connection is not None and connection.is_connected():
             return connection
         if connection is not None:
             await connection.close()

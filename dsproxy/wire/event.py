@@ -9,6 +9,7 @@ tests check that both verifiers agree on valid, tampered and forged events.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -160,16 +161,22 @@ def sign_event(
     return NostrEvent(event_id, pubkey, created_at, kind, frozen_tags, content, sig)
 
 
+@functools.lru_cache(maxsize=1024)
+def _curve_point(pubkey: str) -> PublicKeyXOnly | None:
+    """Decoding a key costs about as much as hashing an event, and a ledger has few authors."""
+    try:
+        return PublicKeyXOnly(bytes.fromhex(pubkey))
+    except ValueError:
+        return None  # not a point on the curve
+
+
 def verify_event(raw: str | bytes | dict[str, Any]) -> NostrEvent:
     """Parse and fully verify an event (id, then signature), as `Event.verify()` does."""
     event = parse_event(raw)
     if canonical_id(event) != event.id:
         raise InvalidEvent(f"event {event.id}: id does not match its content")
-    try:
-        key = PublicKeyXOnly(bytes.fromhex(event.pubkey))
-        valid = key.verify(bytes.fromhex(event.sig), bytes.fromhex(event.id))
-    except ValueError:
-        valid = False  # the pubkey is not a point on the curve
+    key = _curve_point(event.pubkey)
+    valid = key is not None and key.verify(bytes.fromhex(event.sig), bytes.fromhex(event.id))
     if not valid:
         raise InvalidEvent(f"event {event.id}: signature does not verify for {event.pubkey}")
     return event

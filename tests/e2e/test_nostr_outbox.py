@@ -73,8 +73,8 @@ async def test_permanent_rejection_is_recorded_and_does_not_block(
 ) -> None:
     """An event the relay refuses (too large) is recorded as failed with a reason; the events
     after it are still published. nostr-relay answers this refusal with an OK whose id is
-    empty, which nostr-sdk drops: the outbox sees silence, finds the event absent from the
-    relay, and counts it against `publish_rejections_max`."""
+    empty; one publish at a time per connection ties it to our event, and its `invalid:`
+    prefix makes it permanent: no retry."""
     relay = RelayProcess(tmp_path / "relay")
     relay.start()
     try:
@@ -96,8 +96,11 @@ async def test_permanent_rejection_is_recorded_and_does_not_block(
             await eventually(settled, "the 5 events after the rejected one")
             failed = await list_outbox(node.ledger.db, ("failed",))
             assert [row.event_id for row in failed] == [too_large.id]
-            assert "gave up after 2 transient rejections" in failed[0].reason
-            assert "silent: no OK" in failed[0].reason
+            assert failed[0].rejections == 0
+            assert (
+                failed[0].reason
+                == f"{relay.url}: invalid: 280 characters should be enough for anybody"
+            )
             assert await list_outbox(node.ledger.db, ("pending",)) == []
         assert await fetch_ids(relay.url, address) == {event.id for event in after}
     finally:

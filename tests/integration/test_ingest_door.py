@@ -88,7 +88,9 @@ async def test_refused_events_change_nothing_and_untrusted_are_stored_only(
     )
     try:
         events = forged_and_strange(address)
-        await ingest.process([Incoming("ws://evil.example", e.to_obj()) for e in events.values()])
+        await ingest.process(
+            [Incoming("ws://evil.example", (e.to_obj(),)) for e in events.values()]
+        )
         await ledger.projector.catch_up()
 
         assert dict(ingest.stats.refused) == {
