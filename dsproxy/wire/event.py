@@ -31,7 +31,6 @@ __all__ = [
     "verify_event",
 ]
 
-_HEX = frozenset("0123456789abcdef")
 _U64_MAX = 2**64 - 1
 _FIELDS = ("id", "pubkey", "created_at", "kind", "tags", "content", "sig")
 
@@ -70,10 +69,25 @@ class NostrEvent:
         return orjson.dumps(self.to_obj()).decode()
 
 
+_NOT_HEX = str.maketrans("", "", "0123456789abcdef")
+
+
 def _hex(value: Any, name: str, length: int) -> str:
-    if type(value) is not str or len(value) != length or not _HEX.issuperset(value):
+    if type(value) is not str or len(value) != length or value.translate(_NOT_HEX):
         raise InvalidEvent(f"event.{name} must be {length} lowercase hex characters")
     return value
+
+
+def _valid_tags(tags: Any) -> bool:
+    if type(tags) is not list:
+        return False
+    for tag in tags:
+        if type(tag) is not list:
+            return False
+        for item in tag:
+            if type(item) is not str:
+                return False
+    return True
 
 
 def parse_event(raw: str | bytes | dict[str, Any]) -> NostrEvent:
@@ -87,30 +101,26 @@ def parse_event(raw: str | bytes | dict[str, Any]) -> NostrEvent:
             raise InvalidEvent(f"not valid JSON: {exc}") from None
     if type(obj) is not dict:
         raise InvalidEvent("an event must be a JSON object")
-    missing = [
-        k for k in ("id", "pubkey", "created_at", "kind", "tags", "content", "sig") if k not in obj
-    ]
-    if missing:
-        raise InvalidEvent(f"event has no {missing[0]!r}")
-    created_at, kind, tags, content = obj["created_at"], obj["kind"], obj["tags"], obj["content"]
+    try:
+        event_id, pubkey, created_at, kind, tags, content, sig = map(obj.__getitem__, _FIELDS)
+    except KeyError as exc:
+        raise InvalidEvent(f"event has no {exc.args[0]!r}") from None
     if type(created_at) is not int or not 0 <= created_at <= _U64_MAX:
         raise InvalidEvent("event.created_at must be a non-negative integer")
     if type(kind) is not int or not 0 <= kind <= 65535:
         raise InvalidEvent("event.kind must be an integer in [0, 65535]")
-    if type(tags) is not list or any(
-        type(tag) is not list or any(type(item) is not str for item in tag) for tag in tags
-    ):
+    if not _valid_tags(tags):
         raise InvalidEvent("event.tags must be a list of lists of strings")
     if type(content) is not str:
         raise InvalidEvent("event.content must be a string")
     return NostrEvent(
-        id=_hex(obj["id"], "id", 64),
-        pubkey=_hex(obj["pubkey"], "pubkey", 64),
+        id=_hex(event_id, "id", 64),
+        pubkey=_hex(pubkey, "pubkey", 64),
         created_at=created_at,
         kind=kind,
-        tags=tuple(tuple(tag) for tag in tags),
+        tags=tuple(map(tuple, tags)),
         content=content,
-        sig=_hex(obj["sig"], "sig", 128),
+        sig=_hex(sig, "sig", 128),
     )
 
 

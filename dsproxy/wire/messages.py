@@ -10,6 +10,7 @@ write, so `to_content(parse_message(s)) == s` for every message they produce.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -98,13 +99,18 @@ def _byte_array_64(value: Any, where: str) -> bytes:
 def validate_user(value: Any, where: str = "user") -> str:
     """A Solana public key: base58 text of exactly 32 bytes, in canonical form."""
     text = _string(value, where)
-    try:
-        canonical = str(Pubkey.from_string(text))
-    except ValueError:
-        canonical = None
-    if canonical != text:
+    if not _is_canonical_pubkey(text):
         raise _fail(where, f"{text!r} is not a 32-byte base58 Solana public key")
     return text
+
+
+@functools.lru_cache(maxsize=65_536)
+def _is_canonical_pubkey(text: str) -> bool:
+    """Cached: a ledger names the same users again and again, and base58 decoding is slow."""
+    try:
+        return str(Pubkey.from_string(text)) == text
+    except ValueError:
+        return False
 
 
 def validate_event_id(value: Any, where: str = "initial_request") -> str:

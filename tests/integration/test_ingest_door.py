@@ -18,10 +18,12 @@ from tests.conftest import CONTROLLER_SECRET, STRANGER_SECRET
 from tests.integration.relay_fixtures import (
     USERS,
     balances,
+    credits,
     eventually,
     local_relay,
     publish,
     running_node,
+    totals,
 )
 
 __all__ = ["local_relay"]
@@ -145,3 +147,33 @@ async def test_strange_events_through_a_relay_move_no_balance(
         assert set(node.ingest.stats.refused) == {"oversized", "invalid_json"}
         assert node.ingest.stats.appended == 2
         assert node.ledger.store.sync.contains(events["untrusted_author"].id)
+
+
+async def test_a_large_batch_is_verified_in_slices_and_each_verdict_meets_its_event(
+    node_settings: Settings, address: Address
+) -> None:
+    """Forgeries scattered through a batch verified on several threads are refused, each
+    good event is stored, and the balance is exactly the good events' sum."""
+    ledger = await open_ledger(node_settings)
+    checkpoints = await CheckpointDb.open(node_settings.data_dir / "checkpoints.sqlite")
+    ingest = Ingest(ledger.store, checkpoints, address)
+    try:
+        good = credits(CONTROLLER_SECRET, address, 400)
+        forged = {index for index in range(0, 400, 37)}
+        objs = [
+            attrs.evolve(event, sig=good[index - 1].sig).to_obj()
+            if index in forged
+            else event.to_obj()
+            for index, event in enumerate(good)
+        ]
+        await ingest.process([Incoming("ws://relay.example", tuple(objs))])
+        await ledger.projector.catch_up()
+        kept = [event for index, event in enumerate(good) if index not in forged]
+        assert dict(ingest.stats.refused) == {"invalid_event": len(forged)}
+        assert ingest.stats.appended == len(kept)
+        accounts = [await ledger.db.account(user) for user in USERS]
+        assert [0 if account is None else account.balance for account in accounts] == totals(kept)
+    finally:
+        ingest.close()
+        await checkpoints.close()
+        await ledger.aclose()

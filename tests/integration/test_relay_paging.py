@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsproxy.adapters.relay import next_until
+from dsproxy.adapters.relay import RelayConnection, fetch_history, next_until
 from dsproxy.wire.envelope import Address
 from tests.conftest import CONTROLLER_SECRET
 from tests.integration.relay_fixtures import credits, fetch_ids, local_relay, publish
@@ -60,3 +61,23 @@ async def test_history_beyond_one_query_comes_back_whole(
     events = credits(CONTROLLER_SECRET, address, 1_200, per_second=100)
     await publish(local_relay, events)
     assert await fetch_ids(local_relay, address) == {event.id for event in events}
+
+
+async def test_a_slow_reader_still_gets_every_event_once(
+    local_relay: str, address: Address
+) -> None:
+    """Chunks go to the reader while a page streams in; a reader that takes its time (the
+    page's EOSE comes meanwhile) still gets the rest of the page, and every later page."""
+    events = credits(CONTROLLER_SECRET, address, 1_200, per_second=100)
+    await publish(local_relay, events)
+    connection = RelayConnection(local_relay)
+    await connection.open()
+    received: list[str] = []
+    try:
+        async for page in fetch_history(connection, address, 0, 500):
+            received += [str(obj["id"]) for obj in page.events]
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    assert len(received) == len(set(received)) == len(events)
+    assert set(received) == {event.id for event in events}

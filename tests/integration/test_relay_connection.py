@@ -1,0 +1,159 @@
+"""The relay connection against relays that misbehave: a scripted NIP-01 server on 127.0.0.1
+(aiohttp) that goes silent, closes queries, drops the socket or answers OK without an id."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import WSMsgType, web
+
+from dsproxy.adapters.relay import RelayConnection, RelayUnavailable
+from dsproxy.domain.publication import RelayAnswer
+from dsproxy.wire.envelope import Address, seal
+from dsproxy.wire.messages import Transaction
+from tests.conftest import CONTROLLER_SECRET
+from tests.integration.relay_fixtures import USERS, free_port
+
+Script = Callable[[web.WebSocketResponse, list[Any]], Awaitable[None]]
+"""How the scripted relay answers one client message (a parsed NIP-01 array)."""
+
+
+@contextlib.asynccontextmanager
+async def scripted_relay(answer: Script) -> AsyncIterator[str]:
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await answer(ws, orjson.loads(message.data))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", socket)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def credit(address: Address, tokens: int) -> dict[str, Any]:
+    return seal(Transaction(USERS[0], tokens), address, CONTROLLER_SECRET).to_obj()
+
+
+async def test_a_silent_relay_fails_the_page_after_the_timeout() -> None:
+    async def silent(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        return None
+
+    async with scripted_relay(silent) as url:
+        connection = RelayConnection(url, timeout_s=1)
+        await connection.open()
+        try:
+            started = time.monotonic()
+            with pytest.raises(RelayUnavailable, match="neither events nor EOSE"):
+                await connection.fetch_page({"kinds": [1573]})
+            assert time.monotonic() - started >= 1
+        finally:
+            await connection.close()
+
+
+async def test_a_closed_query_fails_with_the_relays_reason(address: Address) -> None:
+    async def closes(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "REQ":
+            await ws.send_str(orjson.dumps(["EVENT", message[1], credit(address, 1)]).decode())
+            await ws.send_str(orjson.dumps(["CLOSED", message[1], "error: too busy"]).decode())
+
+    async with scripted_relay(closes) as url:
+        connection = RelayConnection(url, timeout_s=5)
+        await connection.open()
+        try:
+            with pytest.raises(RelayUnavailable, match="closed: error: too busy"):
+                await connection.fetch_page({"kinds": [1573]})
+        finally:
+            await connection.close()
+
+
+async def test_a_dropped_socket_fails_the_page_and_is_reported_lost(address: Address) -> None:
+    """Events before the drop are not a page: the caller must not take them as complete."""
+
+    async def drops(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "REQ":
+            await ws.send_str(orjson.dumps(["EVENT", message[1], credit(address, 1)]).decode())
+            await ws.close()
+
+    async with scripted_relay(drops) as url:
+        connection = RelayConnection(url, timeout_s=5)
+        await connection.open()
+        try:
+            with pytest.raises(RelayUnavailable, match="connection closed"):
+                await connection.fetch_page({"kinds": [1573]})
+            async with asyncio.timeout(5):
+                assert "connection closed" in await connection.wait_lost()
+            assert not connection.is_connected()
+        finally:
+            await connection.close()
+
+
+async def test_a_page_streams_in_chunks_before_its_eose(address: Address) -> None:
+    """The relay holds back the second half of a page until the reader has the first: the
+    reader gets events before the EOSE exists, then the rest, in order, once each."""
+    events = [credit(address, tokens) for tokens in range(1, 601)]
+    first_chunk_read = asyncio.Event()
+
+    async def pages(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "REQ":
+            for index, obj in enumerate(events):
+                if index == 300:
+                    await first_chunk_read.wait()
+                await ws.send_str(orjson.dumps(["EVENT", message[1], obj]).decode())
+            await ws.send_str(orjson.dumps(["EOSE", message[1]]).decode())
+
+    async with scripted_relay(pages) as url:
+        connection = RelayConnection(url, timeout_s=5)
+        await connection.open()
+        chunks = []
+        try:
+            async for chunk in connection.read_page({"kinds": [1573]}, 256):
+                chunks.append(chunk)
+                first_chunk_read.set()
+        finally:
+            await connection.close()
+    assert 256 <= len(chunks[0]) <= 300
+    assert [obj for chunk in chunks for obj in chunk] == events
+
+
+async def test_an_ok_without_an_id_answers_the_event_in_flight(address: Address) -> None:
+    """nostr-relay refuses an event with `["OK", "", false, reason]`: it is that event's
+    answer (one publish at a time), and an `invalid:` reason is permanent."""
+
+    async def refuses(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "EVENT":
+            await ws.send_str(orjson.dumps(["OK", "", False, "invalid: too large"]).decode())
+
+    event = seal(Transaction(USERS[0], 5), address, CONTROLLER_SECRET)
+    async with scripted_relay(refuses) as url:
+        connection = RelayConnection(url, timeout_s=5)
+        await connection.open()
+        try:
+            result = await connection.publish(event)
+        finally:
+            await connection.close()
+    assert result.answer is RelayAnswer.REJECTED
+    assert result.reason == "invalid: too large"
+
+
+async def test_an_unreachable_relay_is_reported_not_raised(address: Address) -> None:
+    connection = RelayConnection(f"ws://127.0.0.1:{free_port()}", timeout_s=2)
+    with pytest.raises(RelayUnavailable, match="cannot connect"):
+        await connection.open()
+    with pytest.raises(RelayUnavailable, match="not a valid websocket URL"):
+        await RelayConnection("http://127.0.0.1:1", timeout_s=2).open()
