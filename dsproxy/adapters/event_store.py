@@ -6,14 +6,18 @@ event a no-op. Local facts are ordinary eventsourcing aggregates saved through t
 application, so both share the notification log (SQLite rowid) that projections follow.
 
 eventsourcing is synchronous; `AsyncEventStore` runs every call on one dedicated thread, which
-is also the store's single writer.
+is also the store's single writer. Writes recorded while an earlier one is being committed are
+committed together (group commit): one transaction and one fsync for many chats, each write in a
+savepoint of its own so that one write's failure leaves the others whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import sqlite3
 import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +45,7 @@ __all__ = [
     "EventStore",
     "NodeApplication",
     "StoredRecord",
+    "Write",
     "originator_id_for",
 ]
 
@@ -51,6 +56,7 @@ _SELECT_AFTER = (
     "WHERE rowid > ? ORDER BY rowid LIMIT ?"
 )
 _T = TypeVar("_T")
+WRITES_PER_COMMIT_MAX = 256
 
 
 def originator_id_for(event_id: str) -> uuid.UUID:
@@ -86,6 +92,15 @@ class AppendOutcome:
 
     appended: tuple[tuple[int, str], ...]
     duplicates: tuple[str, ...]
+
+
+@frozen
+class Write:
+    """Nostr events and the pending facts of aggregates, to be recorded all or none."""
+
+    events: tuple[NostrEvent, ...]
+    aggregates: tuple[Aggregate, ...]
+    new_only: bool = False
 
 
 class BytesAsBase64(Transcoding):
@@ -141,41 +156,71 @@ class EventStore:
 
         Both or neither: a handler that signs an event and records why (a payment credited, a
         hold settled) can never keep one without the other. A fact that conflicts with one
-        already stored (the same aggregate version: a concurrent change) aborts the whole write,
-        and so does, with `new_only`, an event already stored (DuplicateEvent). The facts take
-        the earlier positions.
+        already stored (the same aggregate version: a concurrent change) aborts the whole write
+        (StoreError), and so does, with `new_only`, an event already stored (DuplicateEvent).
+        The facts take the earlier positions.
         """
-        stored_facts = [
-            self.application.mapper.to_stored_event(fact)
-            for aggregate in aggregates
-            for fact in aggregate.collect_events()
+        (outcome,) = self.record_all([Write(tuple(events), aggregates, new_only)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def record_all(self, writes: Sequence[Write]) -> list[AppendOutcome | StoreError]:
+        """Several writes in one transaction, in order, each all or none on its own."""
+        prepared = [
+            (
+                write,
+                [
+                    self.application.mapper.to_stored_event(fact)
+                    for aggregate in write.aggregates
+                    for fact in aggregate.collect_events()
+                ],
+            )
+            for write in writes
         ]
-        appended: list[tuple[int, str]] = []
-        duplicates: list[str] = []
+        outcomes: list[AppendOutcome | StoreError] = []
         try:
             with self._recorder.datastore.transaction(commit=True) as cursor:
-                if stored_facts:
-                    # first, so a projection paging through the log meets the facts that
-                    # explain an event (a debit's DebitIssued) no later than the event;
-                    # the recorder's own insert, inside our transaction (as its process
-                    # recorder does with tracking records)
-                    self._recorder._insert_events(cursor, stored_facts)
-                for event in events:
-                    cursor.execute(
-                        self._insert_ignore,
-                        # event.id[:32] is originator_id_for(event.id).hex, without the object
-                        (event.id[:32], 1, NOSTR_TOPIC, orjson.dumps(event.to_obj())),
-                    )
-                    if cursor.sqlite_cursor.rowcount == 1:
-                        appended.append((int(cursor.lastrowid), event.id))
-                    elif new_only:
-                        raise DuplicateEvent(f"event {event.id} is already stored")
-                    else:
-                        duplicates.append(event.id)
+                for write, facts in prepared:
+                    cursor.execute("SAVEPOINT write")
+                    try:
+                        outcomes.append(self._write(cursor, write, facts))
+                    except (DuplicateEvent, sqlite3.IntegrityError) as exc:
+                        cursor.execute("ROLLBACK TO write")
+                        outcomes.append(
+                            exc
+                            if isinstance(exc, DuplicateEvent)
+                            else StoreError(
+                                f"could not record {len(write.events)} events and "
+                                f"{len(facts)} facts: {exc}"
+                            )
+                        )
+                    cursor.execute("RELEASE write")
         except PersistenceError as exc:
-            raise StoreError(
-                f"could not record {len(events)} events and {len(stored_facts)} facts: {exc}"
-            ) from exc
+            error = StoreError(f"could not record {len(writes)} writes: {exc}")
+            return [error] * len(writes)
+        return outcomes
+
+    def _write(self, cursor: Any, write: Write, facts: list[StoredEvent]) -> AppendOutcome:
+        appended: list[tuple[int, str]] = []
+        duplicates: list[str] = []
+        if facts:
+            # first, so a projection paging through the log meets the facts that explain an
+            # event (a debit's DebitIssued) no later than the event; the recorder's own insert,
+            # inside our transaction (as its process recorder does with tracking records)
+            self._recorder._insert_events(cursor, facts)
+        for event in write.events:
+            cursor.execute(
+                self._insert_ignore,
+                # event.id[:32] is originator_id_for(event.id).hex, without the object
+                (event.id[:32], 1, NOSTR_TOPIC, orjson.dumps(event.to_obj())),
+            )
+            if cursor.sqlite_cursor.rowcount == 1:
+                appended.append((int(cursor.lastrowid), event.id))
+            elif write.new_only:
+                raise DuplicateEvent(f"event {event.id} is already stored")
+            else:
+                duplicates.append(event.id)
         return AppendOutcome(tuple(appended), tuple(duplicates))
 
     def save(self, *aggregates: Aggregate) -> list[int]:
@@ -232,12 +277,22 @@ class EventStore:
         self.application.close()
 
 
+def _settle_future(done: asyncio.Future[AppendOutcome], outcome: AppendOutcome | Exception) -> None:
+    if done.cancelled():  # the caller stopped waiting; the write is recorded all the same
+        return
+    if isinstance(outcome, Exception):
+        done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
+
+
 class AsyncEventStore:
     """The store for asyncio code: every call runs on one dedicated thread, the single writer."""
 
     def __init__(self, store: EventStore) -> None:
         self.sync = store
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-store")
+        self._writes: deque[tuple[Write, asyncio.Future[AppendOutcome]]] = deque()
 
     @classmethod
     def open(cls, path: Path) -> AsyncEventStore:
@@ -253,10 +308,28 @@ class AsyncEventStore:
     async def record(
         self, events: Sequence[NostrEvent], *aggregates: Aggregate, new_only: bool = False
     ) -> AppendOutcome:
-        result: AppendOutcome = await self._run(
-            lambda: self.sync.record(events, *aggregates, new_only=new_only)
-        )
-        return result
+        """As `EventStore.record`, committed (fsynced) with the writes queued beside it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[AppendOutcome] = loop.create_future()
+        self._writes.append((Write(tuple(events), aggregates, new_only), done))
+        self._thread.submit(self._commit_queued, loop)
+        return await done
+
+    def _commit_queued(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the store thread: commit every write queued so far (the first call takes them
+        all; the calls queued behind it find nothing left)."""
+        batch = []
+        while self._writes and len(batch) < WRITES_PER_COMMIT_MAX:
+            batch.append(self._writes.popleft())
+        if not batch:
+            return
+        outcomes: list[AppendOutcome | Exception]
+        try:
+            outcomes = list(self.sync.record_all([write for write, _ in batch]))
+        except Exception as exc:  # a bug, not a refusal: every waiting caller must hear of it
+            outcomes = [exc] * len(batch)
+        for (_, done), outcome in zip(batch, outcomes, strict=True):
+            loop.call_soon_threadsafe(_settle_future, done, outcome)
 
     async def aggregate(self, aggregate_id: uuid.UUID) -> Aggregate:
         """Load an aggregate (a local fact's lifecycle) by its id."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 from eventsourcing.domain import Aggregate, event
 
@@ -127,3 +128,72 @@ def test_record_writes_events_and_facts_together_or_not_at_all(
         store.record([debit(address, USER, 2)], stale)
     assert store.count_nostr() == 1  # the debit was rolled back with the conflicting fact
     store.close()
+
+
+async def test_writes_queued_together_commit_together_and_fail_alone(
+    tmp_path: Path, address: Address
+) -> None:
+    """While another connection holds the write lock, writes queue up behind the first; they
+    are then committed in one transaction, each on its own terms: a duplicate with
+    `new_only` and a conflicting fact fail alone, the rest are recorded in order."""
+    import asyncio
+    import sqlite3
+
+    path = tmp_path / "events.sqlite"
+    store = AsyncEventStore.open(path)
+    taken = credit(address, USER, 1)
+    await store.record([taken])
+    payment = Payment(request_id="ef" * 32)
+    await store.record([], payment)
+    stale = await store.aggregate(payment.id)
+    fresh = await store.aggregate(payment.id)
+    fresh.confirm()
+    stale.confirm()
+
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the store's next commit waits for this lock
+    before = credit(address, USER, 2)
+    first = asyncio.ensure_future(store.record([before]))
+    await asyncio.sleep(0.2)  # the store thread is now inside that commit, waiting
+    good = [credit(address, USER, n) for n in (3, 4, 5)]
+    queued = asyncio.gather(
+        store.record([good[0]]),
+        store.record([debit(address, USER, 1), taken], new_only=True),
+        store.record([good[1]], fresh),
+        store.record([debit(address, USER, 2)], stale),
+        store.record([good[2]]),
+        return_exceptions=True,
+    )
+    await asyncio.sleep(0.1)
+    blocker.execute("COMMIT")
+    blocker.close()
+    await first
+    outcomes = await queued
+
+    assert [type(outcome).__name__ for outcome in outcomes] == [
+        "AppendOutcome",
+        "DuplicateEvent",
+        "AppendOutcome",
+        "StoreError",
+        "AppendOutcome",
+    ]
+    records = await store.read(0, 100)
+    stored = [orjson.loads(r.state)["id"] for r in records if r.is_nostr]
+    assert stored == [taken.id, before.id, good[0].id, good[1].id, good[2].id]
+    assert (await store.aggregate(payment.id)).confirmed
+    await store.close()
+
+
+async def test_a_write_whose_caller_gave_up_is_still_recorded(
+    tmp_path: Path, address: Address
+) -> None:
+    import asyncio
+
+    store = AsyncEventStore.open(tmp_path / "events.sqlite")
+    abandoned = credit(address, USER, 7)
+    waiting = asyncio.ensure_future(store.record([abandoned]))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await store.record([credit(address, USER, 8)])  # committed after the abandoned one
+    assert await store.contains(abandoned.id)
+    await store.close()

@@ -7,6 +7,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from dsproxy.adapters.tokenizer import Tokenizer
 from dsproxy.adapters.upstream import Upstream
@@ -17,6 +21,7 @@ from dsproxy.errors import (
     UpstreamQuotaExhausted,
     UpstreamRateLimited,
     UpstreamRejected,
+    UpstreamTimeout,
     UpstreamUnauthorized,
 )
 from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
@@ -123,3 +128,36 @@ async def test_a_wrong_key_is_the_operators_problem(tokenizer: Tokenizer) -> Non
                 await client.complete(chat("hi"))
         finally:
             await client.aclose()
+
+
+async def test_a_model_slower_than_the_timeout_is_an_upstream_timeout(demo_url: str) -> None:
+    """The timeout travels with each request (chats skip the client's layers)."""
+    client = Upstream(demo_url, "operator-key", timeout_s=0.3)
+    try:
+        with pytest.raises(UpstreamTimeout):
+            await client.complete(chat("slow [[think:2000]]"))
+        with pytest.raises(UpstreamTimeout):
+            await client.open_stream(chat("slow [[think:2000]]", stream=True))
+    finally:
+        await client.aclose()
+
+
+async def test_the_upstreams_cookies_are_not_kept() -> None:
+    """A cookie set on one chat's answer is not sent with the next chat (another user's)."""
+    seen: list[str | None] = []
+
+    async def answer(request: Request) -> JSONResponse:
+        seen.append(request.headers.get("cookie"))
+        response = JSONResponse({"choices": [], "usage": {"prompt_tokens": 1}})
+        response.set_cookie("session", "alice")
+        return response
+
+    app = Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])
+    with serve_in_thread(app) as base:
+        client = Upstream(base + "/v1", "key", timeout_s=5)
+        try:
+            for _ in range(2):
+                await client.complete(chat("hi"))
+        finally:
+            await client.aclose()
+    assert seen == [None, None]
