@@ -134,18 +134,26 @@ class Upstream:
             timeout=timeout,
             transport=self._transport,
         )
-        # a chat's request is built from these parts, parsed once (build_request re-parses
-        # and merges the URL and headers on every call)
+        # a chat's request is built from these parts, parsed and encoded once (build_request
+        # re-parses and merges the URL and headers on every call)
         self._chat_url = httpx.URL(base_url.rstrip("/") + "/chat/completions")
-        self._chat_headers = {**headers, "content-type": "application/json"}
+        self._chat_headers = [
+            (b"host", self._chat_url.netloc),
+            *((name.lower().encode(), value.encode()) for name, value in headers.items()),
+            (b"content-type", b"application/json"),
+        ]
         self._chat_extensions = {"timeout": timeout.as_dict()}
 
-    def _chat_request(self, body: Mapping[str, Any], **headers: str) -> httpx.Request:
+    def _chat_request(self, body: Mapping[str, Any], *, stream: bool = False) -> httpx.Request:
+        content = orjson.dumps(body)
+        headers = [*self._chat_headers, (b"content-length", b"%d" % len(content))]
+        if stream:
+            headers.append((b"accept", b"text/event-stream"))
         return httpx.Request(
             "POST",
             self._chat_url,
-            content=orjson.dumps(body),
-            headers={**self._chat_headers, **headers},
+            headers=httpx.Headers(headers),
+            stream=httpx.ByteStream(content),
             extensions=self._chat_extensions,
         )
 
@@ -183,7 +191,7 @@ class Upstream:
     async def open_stream(self, body: Mapping[str, Any]) -> UpstreamStream:
         """Send a streamed request and check its status before any chunk is read."""
         try:
-            request = self._chat_request(body, accept="text/event-stream")
+            request = self._chat_request(body, stream=True)
             response = await self._send(request, stream=True)
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc

@@ -119,13 +119,23 @@ async def test_an_unreachable_server_is_an_upstream_error() -> None:
         await client.aclose()
 
 
-async def test_a_wrong_key_is_the_operators_problem(tokenizer: Tokenizer) -> None:
+async def test_the_operator_key_is_sent_and_a_wrong_one_is_the_operators_problem(
+    tokenizer: Tokenizer,
+) -> None:
     guarded = DemoModel(api_key="right-key", tokenizer=tokenizer)
     with serve_in_thread(guarded.app) as base:
         client = Upstream(base + "/v1", "wrong-key", timeout_s=5)
         try:
             with pytest.raises(UpstreamUnauthorized):
                 await client.complete(chat("hi"))
+        finally:
+            await client.aclose()
+        client = Upstream(base + "/v1", "right-key", timeout_s=5)
+        try:
+            assert (await client.complete(chat("hi")))["choices"]
+            stream = await client.open_stream(chat("hi", stream=True))
+            assert [chunk async for chunk in stream.chunks()]
+            await stream.aclose()
         finally:
             await client.aclose()
 
