@@ -8,7 +8,9 @@ application, so both share the notification log (SQLite rowid) that projections 
 eventsourcing is synchronous; `AsyncEventStore` runs every call on one dedicated thread, which
 is also the store's single writer. Writes recorded while an earlier one is being committed are
 committed together (group commit): one transaction and one fsync for many chats, each write in a
-savepoint of its own so that one write's failure leaves the others whole.
+savepoint of its own so that one write's failure leaves the others whole. Writes keep their order
+among themselves, but may be committed before a read or an append submitted ahead of them; each
+caller awaits its own call, so none relies on that order.
 """
 
 from __future__ import annotations
@@ -167,39 +169,36 @@ class EventStore:
 
     def record_all(self, writes: Sequence[Write]) -> list[AppendOutcome | StoreError]:
         """Several writes in one transaction, in order, each all or none on its own."""
-        prepared = [
-            (
-                write,
-                [
+        outcomes: list[AppendOutcome | StoreError | None] = [None] * len(writes)
+        prepared: list[tuple[int, Write, list[StoredEvent]]] = []
+        for index, write in enumerate(writes):
+            try:
+                facts = [
                     self.application.mapper.to_stored_event(fact)
                     for aggregate in write.aggregates
                     for fact in aggregate.collect_events()
-                ],
-            )
-            for write in writes
-        ]
-        outcomes: list[AppendOutcome | StoreError] = []
+                ]
+            except Exception as exc:  # a fact that cannot be encoded fails its own write only
+                outcomes[index] = _write_error(write, exc)
+            else:
+                prepared.append((index, write, facts))
         try:
             with self._recorder.datastore.transaction(commit=True) as cursor:
-                for write, facts in prepared:
+                for index, write, facts in prepared:
                     cursor.execute("SAVEPOINT write")
                     try:
-                        outcomes.append(self._write(cursor, write, facts))
-                    except (DuplicateEvent, sqlite3.IntegrityError) as exc:
+                        outcomes[index] = self._write(cursor, write, facts)
+                    except DuplicateEvent as exc:
                         cursor.execute("ROLLBACK TO write")
-                        outcomes.append(
-                            exc
-                            if isinstance(exc, DuplicateEvent)
-                            else StoreError(
-                                f"could not record {len(write.events)} events and "
-                                f"{len(facts)} facts: {exc}"
-                            )
-                        )
+                        outcomes[index] = exc
+                    except sqlite3.IntegrityError as exc:  # a fact of a concurrent change
+                        cursor.execute("ROLLBACK TO write")
+                        outcomes[index] = _write_error(write, exc, len(facts))
                     cursor.execute("RELEASE write")
-        except PersistenceError as exc:
-            error = StoreError(f"could not record {len(writes)} writes: {exc}")
-            return [error] * len(writes)
-        return outcomes
+        except PersistenceError as exc:  # the commit itself failed: none of them is recorded
+            for index, write, facts in prepared:
+                outcomes[index] = _write_error(write, exc, len(facts))
+        return [outcome for outcome in outcomes if outcome is not None]
 
     def _write(self, cursor: Any, write: Write, facts: list[StoredEvent]) -> AppendOutcome:
         appended: list[tuple[int, str]] = []
@@ -277,6 +276,13 @@ class EventStore:
         self.application.close()
 
 
+def _write_error(write: Write, cause: Exception, facts: int | None = None) -> StoreError:
+    facts_text = "its facts" if facts is None else f"{facts} facts"
+    error = StoreError(f"could not record {len(write.events)} events and {facts_text}: {cause}")
+    error.__cause__ = cause
+    return error
+
+
 def _settle_future(done: asyncio.Future[AppendOutcome], outcome: AppendOutcome | Exception) -> None:
     if done.cancelled():  # the caller stopped waiting; the write is recorded all the same
         return
@@ -309,13 +315,12 @@ class AsyncEventStore:
         self, events: Sequence[NostrEvent], *aggregates: Aggregate, new_only: bool = False
     ) -> AppendOutcome:
         """As `EventStore.record`, committed (fsynced) with the writes queued beside it."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[AppendOutcome] = loop.create_future()
+        done: asyncio.Future[AppendOutcome] = asyncio.get_running_loop().create_future()
         self._writes.append((Write(tuple(events), aggregates, new_only), done))
-        self._thread.submit(self._commit_queued, loop)
+        self._thread.submit(self._commit_queued)
         return await done
 
-    def _commit_queued(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _commit_queued(self) -> None:
         """On the store thread: commit every write queued so far (the first call takes them
         all; the calls queued behind it find nothing left)."""
         batch = []
@@ -323,13 +328,13 @@ class AsyncEventStore:
             batch.append(self._writes.popleft())
         if not batch:
             return
-        outcomes: list[AppendOutcome | Exception]
+        outcomes: list[AppendOutcome | StoreError]
         try:
-            outcomes = list(self.sync.record_all([write for write, _ in batch]))
+            outcomes = self.sync.record_all([write for write, _ in batch])
         except Exception as exc:  # a bug, not a refusal: every waiting caller must hear of it
-            outcomes = [exc] * len(batch)
+            outcomes = [_write_error(write, exc) for write, _ in batch]
         for (_, done), outcome in zip(batch, outcomes, strict=True):
-            loop.call_soon_threadsafe(_settle_future, done, outcome)
+            done.get_loop().call_soon_threadsafe(_settle_future, done, outcome)
 
     async def aggregate(self, aggregate_id: uuid.UUID) -> Aggregate:
         """Load an aggregate (a local fact's lifecycle) by its id."""

@@ -128,6 +128,8 @@ class _Page:
             self.ready.set()
 
     def end(self, failure: str | None = None) -> None:
+        if self.complete:  # a CLOSED or a drop after the EOSE does not undo a whole page
+            return
         self.complete, self.failed = True, failure
         self.ready.set()
 
@@ -176,19 +178,10 @@ class RelayConnection:
 
     async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         try:
-            async for message in socket:
-                if message.type is aiohttp.WSMsgType.TEXT:
-                    try:
-                        parsed = orjson.loads(message.data)
-                    except orjson.JSONDecodeError:
-                        log.info("%s sent a message that is not JSON", self.url)
-                        continue
-                    await self._route(parsed)
-                    if self._lost is not None:
-                        break
-                elif message.type is aiohttp.WSMsgType.ERROR:
-                    self._lost = f"connection error: {socket.exception()}"
-                    break
+            await self._read_messages(socket)
+        except Exception as exc:  # a relay's nonsense ends this connection, never the caller
+            log.warning("%s: dropping the connection after %r", self.url, exc)
+            self._lost = self._lost or f"connection dropped after {exc!r}"
         finally:
             self._lost = self._lost or f"connection closed (code {socket.close_code})"
             self._gone.set()
@@ -199,9 +192,24 @@ class RelayConnection:
             with contextlib.suppress(Exception):  # closing a dead socket may complain
                 await socket.close()
 
+    async def _read_messages(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        async for message in socket:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                try:
+                    parsed = orjson.loads(message.data)
+                except orjson.JSONDecodeError:
+                    log.info("%s sent a message that is not JSON", self.url)
+                    continue
+                await self._route(parsed)
+                if self._lost is not None:
+                    return
+            elif message.type is aiohttp.WSMsgType.ERROR:
+                self._lost = f"connection error: {socket.exception()}"
+                return
+
     async def _route(self, message: Any) -> None:
-        if not isinstance(message, list) or len(message) < 2:
-            return
+        if not isinstance(message, list) or len(message) < 2 or not isinstance(message[1], str):
+            return  # not a NIP-01 message we answer to (NOTICE's text is a string too)
         kind, subscription = message[0], message[1]
         if kind == "EVENT":
             obj = message[2] if len(message) >= 3 else None

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 from attrs import frozen
@@ -126,8 +127,18 @@ class Upstream:
             max_connections=connections_max, max_keepalive_connections=connections_max
         )
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10))
-        # httpcore's pool checks every idle connection on every request; aiohttp's does not
-        self._transport = AiohttpTransport(limits=limits)
+
+        def pool() -> aiohttp.ClientSession:
+            # aiohttp's pool: httpcore's checks every idle connection on every request. No
+            # cookie jar: one user's upstream cookie must never ride along with another's chat.
+            connector = aiohttp.TCPConnector(
+                limit=connections_max,
+                keepalive_timeout=limits.keepalive_expiry,
+                ssl=httpx.create_ssl_context(),
+            )
+            return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+        self._transport = AiohttpTransport(limits=limits, client=pool)
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=headers,
@@ -135,20 +146,26 @@ class Upstream:
             transport=self._transport,
         )
         # a chat's request is built from these parts, parsed and encoded once (build_request
-        # re-parses and merges the URL and headers on every call)
+        # re-parses and merges the URL and headers on every call); httpx's own defaults
+        # (accept-encoding: only what httpx can decode; user-agent) are kept
         self._chat_url = httpx.URL(base_url.rstrip("/") + "/chat/completions")
-        self._chat_headers = [
-            (b"host", self._chat_url.netloc),
-            *((name.lower().encode(), value.encode()) for name, value in headers.items()),
-            (b"content-type", b"application/json"),
-        ]
+        common = {
+            **{k: v for k, v in self._client.headers.items() if k != "connection"},
+            "host": self._chat_url.netloc.decode("ascii"),
+            "content-type": "application/json",
+        }
+        self._chat_headers = {
+            stream: [
+                (name.lower().encode(), value.encode())
+                for name, value in {**common, "accept": accept}.items()
+            ]
+            for stream, accept in ((False, "application/json"), (True, "text/event-stream"))
+        }
         self._chat_extensions = {"timeout": timeout.as_dict()}
 
     def _chat_request(self, body: Mapping[str, Any], *, stream: bool = False) -> httpx.Request:
         content = orjson.dumps(body)
-        headers = [*self._chat_headers, (b"content-length", b"%d" % len(content))]
-        if stream:
-            headers.append((b"accept", b"text/event-stream"))
+        headers = [*self._chat_headers[stream], (b"content-length", b"%d" % len(content))]
         return httpx.Request(
             "POST",
             self._chat_url,
@@ -159,8 +176,8 @@ class Upstream:
 
     async def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
         """A chat goes straight to the pool: it is one POST that must not follow redirects, run
-        an auth flow or keep cookies (one user's upstream cookie must never ride along with
-        another user's chat). The client's layers for those cost a fifth of a chat's CPU."""
+        an auth flow or keep cookies. The client's layers for those cost a fifth of a chat's
+        CPU."""
         response = await self._transport.handle_async_request(request)
         response.request = request
         if not stream:

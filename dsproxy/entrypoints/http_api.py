@@ -148,7 +148,7 @@ class Metrics:
         self.outbox_backlog.set(backlog)
         stored = await backend.node.ledger.store.max_position()
         projected = await db.position()
-        self.ingest_lag.set(backend.node.ingest.queue.qsize() + max(0, stored - projected))
+        self.ingest_lag.set(backend.node.ingest.queued_events + max(0, stored - projected))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,6 +14,7 @@ applied twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -31,7 +32,6 @@ from attrs import define, field, frozen
 
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.relay import (
-    CHUNK_EVENTS,
     RelayConnection,
     RelayUnavailable,
     fetch_history,
@@ -222,16 +222,17 @@ class Ingest:
         self.own_pubkey = own_pubkey
         self.clock = clock
         self.stats = IngestStats()
-        # Entries hold up to CHUNK_EVENTS events each: bound the events, not the entries.
-        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(
-            maxsize=max(1, limits.queue_len_max // CHUNK_EVENTS)
-        )
+        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
+        # the bound is on events (an entry is one live event or a history chunk), so readers
+        # wait in `_enqueue` while `queue_len_max` events wait to be stored
+        self.queued_events = 0
+        self._room = asyncio.Condition()
         self._relays: dict[str, _RelayState] = {}
         self._verifiers = max(1, min(VERIFIER_THREADS_MAX, os.cpu_count() or 1))
         self._verifier = ThreadPoolExecutor(self._verifiers, thread_name_prefix="ingest-verify")
 
     async def _on_live(self, relay: str, obj: dict[str, Any]) -> None:
-        await self.queue.put(Incoming(relay, (obj,)))
+        await self._enqueue(Incoming(relay, (obj,)))
 
     async def run_session(self, url: str) -> None:
         """Keep one relay connected forever: connect, subscribe, read history, wait, repeat."""
@@ -243,20 +244,22 @@ class Ingest:
             try:
                 await connection.open()
                 self.stats.sessions += 1
-                await self.queue.put(SessionStarted(url))
+                await self._enqueue(SessionStarted(url))
                 # Live first, then history: nothing can fall between the two.
                 await connection.subscribe_live(session_filter(self.address, limit=1))
                 checkpoint = await self.checkpoints.get(url)
                 since = (
                     0 if checkpoint is None else max(0, checkpoint - self.limits.history_overlap_s)
                 )
-                async for page in fetch_history(
+                history = fetch_history(
                     connection, self.address, since, self.limits.events_per_page_max
-                ):
-                    self.stats.overflowed_pages += page.overflowed
-                    if page.events:
-                        await self.queue.put(Incoming(url, page.events))
-                await self.queue.put(CaughtUp(url))
+                )
+                async with contextlib.aclosing(history):
+                    async for page in history:
+                        self.stats.overflowed_pages += page.overflowed
+                        if page.events:
+                            await self._enqueue(Incoming(url, page.events))
+                await self._enqueue(CaughtUp(url))
                 log.info("%s: caught up from %s", url, since)
                 attempt = 0
                 reason = await connection.wait_lost()
@@ -282,8 +285,25 @@ class Ingest:
             try:
                 await self.process(batch)
             finally:
+                async with self._room:
+                    self.queued_events -= events
+                    self._room.notify_all()
                 for _ in batch:
                     self.queue.task_done()
+
+    async def _enqueue(self, item: QueueItem) -> None:
+        """Queue an item, first waiting for room (an item larger than the bound goes alone)."""
+        size = _events_in(item)
+        if size:
+            async with self._room:
+                await self._room.wait_for(
+                    lambda: (
+                        not self.queued_events
+                        or self.queued_events + size <= self.limits.queue_len_max
+                    )
+                )
+                self.queued_events += size
+        self.queue.put_nowait(item)
 
     async def process(self, batch: Sequence[QueueItem]) -> None:
         """Verify, append, wake the projector, then move checkpoints (in that order)."""
@@ -402,21 +422,23 @@ async def fetch_into_store(
     received = appended = duplicates = 0
     refused: Counter[str] = Counter()
     try:
-        async for page in fetch_history(connection, address, since, limits.events_per_page_max):
-            verdicts = await asyncio.to_thread(
-                _admit_all, list(page.events), address, limits.content_bytes_max
-            )
-            good = [verdict for verdict in verdicts if isinstance(verdict, NostrEvent)]
-            for verdict in verdicts:
-                if isinstance(verdict, Refusal):
-                    refused[verdict.kind] += 1
-                    log.warning("refused an event from %s: %s", url, verdict.reason)
-            outcome = await store.append_nostr(good)
-            received += len(verdicts)
-            appended += len(outcome.appended)
-            duplicates += len(outcome.duplicates)
-            if progress is not None:
-                progress(len(verdicts))
+        history = fetch_history(connection, address, since, limits.events_per_page_max)
+        async with contextlib.aclosing(history):
+            async for page in history:
+                verdicts = await asyncio.to_thread(
+                    _admit_all, list(page.events), address, limits.content_bytes_max
+                )
+                good = [verdict for verdict in verdicts if isinstance(verdict, NostrEvent)]
+                for verdict in verdicts:
+                    if isinstance(verdict, Refusal):
+                        refused[verdict.kind] += 1
+                        log.warning("refused an event from %s: %s", url, verdict.reason)
+                outcome = await store.append_nostr(good)
+                received += len(verdicts)
+                appended += len(outcome.appended)
+                duplicates += len(outcome.duplicates)
+                if progress is not None:
+                    progress(len(verdicts))
     finally:
         await connection.close()
     return FetchReport(received, appended, duplicates, tuple(sorted(refused.items())))

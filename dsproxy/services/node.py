@@ -134,7 +134,7 @@ class Node:
                     await asyncio.wait_for(self.ingest.drain(), DRAIN_TIMEOUT_S)
                 except TimeoutError:
                     log.error(
-                        "stopping with %d received events not stored", self.ingest.queue.qsize()
+                        "stopping with %d received events not stored", self.ingest.queued_events
                     )
             await _cancel(core)
             with contextlib.suppress(Exception):

@@ -99,8 +99,9 @@ def _byte_array_64(value: Any, where: str) -> bytes:
 def validate_user(value: Any, where: str = "user") -> str:
     """A Solana public key: base58 text of exactly 32 bytes, in canonical form."""
     text = _string(value, where)
-    if not _is_canonical_pubkey(text):
-        raise _fail(where, f"{text!r} is not a 32-byte base58 Solana public key")
+    # 32 bytes are 32 to 44 base58 characters; the length check keeps junk out of the cache
+    if not 32 <= len(text) <= 44 or not _is_canonical_pubkey(text):
+        raise _fail(where, f"{text[:64]!r} is not a 32-byte base58 Solana public key")
     return text
 
 

@@ -177,3 +177,30 @@ async def test_a_large_batch_is_verified_in_slices_and_each_verdict_meets_its_ev
         ingest.close()
         await checkpoints.close()
         await ledger.aclose()
+
+
+async def test_back_pressure_counts_events_not_entries(
+    node_settings: Settings, address: Address
+) -> None:
+    """With room for 10 events, live events (one entry each) and a history chunk (one entry
+    of many) wait alike until the worker has stored enough; then all are stored."""
+    import asyncio
+
+    ledger = await open_ledger(node_settings)
+    checkpoints = await CheckpointDb.open(node_settings.data_dir / "checkpoints.sqlite")
+    ingest = Ingest(ledger.store, checkpoints, address, limits=IngestLimits(queue_len_max=10))
+    events = credits(CONTROLLER_SECRET, address, 40)
+    try:
+        live = asyncio.gather(*(ingest._on_live("ws://a", e.to_obj()) for e in events[:20]))
+        await asyncio.sleep(0.1)
+        assert ingest.queued_events == 10 and not live.done()
+        worker = asyncio.create_task(ingest.run())
+        await live
+        await ingest._enqueue(Incoming("ws://a", tuple(e.to_obj() for e in events[20:])))
+        await ingest.drain()
+        worker.cancel()
+        assert ingest.stats.appended == 40 and ingest.queued_events == 0
+    finally:
+        ingest.close()
+        await checkpoints.close()
+        await ledger.aclose()

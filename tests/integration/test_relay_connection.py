@@ -131,6 +131,51 @@ async def test_a_page_streams_in_chunks_before_its_eose(address: Address) -> Non
     assert [obj for chunk in chunks for obj in chunk] == events
 
 
+async def test_nonsense_from_a_relay_is_ignored(address: Address) -> None:
+    """Messages that are not NIP-01 (a subscription id that is not text, no array at all)
+    neither end the page nor the connection."""
+    events = [credit(address, tokens) for tokens in (1, 2)]
+
+    async def babbles(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "REQ":
+            for junk in (["EOSE", ["x"]], ["EVENT", 5, events[0]], {"EOSE": 1}, ["CLOSED", None]):
+                await ws.send_str(orjson.dumps(junk).decode())
+            for obj in events:
+                await ws.send_str(orjson.dumps(["EVENT", message[1], obj]).decode())
+            await ws.send_str(orjson.dumps(["EOSE", message[1]]).decode())
+
+    async with scripted_relay(babbles) as url:
+        connection = RelayConnection(url, timeout_s=5)
+        await connection.open()
+        try:
+            assert await connection.fetch_page({"kinds": [1573]}) == events
+            assert connection.is_connected()
+        finally:
+            await connection.close()
+
+
+async def test_a_closed_after_the_eose_does_not_undo_the_page(address: Address) -> None:
+    events = [credit(address, tokens) for tokens in (1, 2)]
+
+    async def closes_late(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "REQ":
+            for obj in events:
+                await ws.send_str(orjson.dumps(["EVENT", message[1], obj]).decode())
+            await ws.send_str(orjson.dumps(["EOSE", message[1]]).decode())
+            await ws.send_str(orjson.dumps(["CLOSED", message[1], "done"]).decode())
+            await ws.close()
+
+    async with scripted_relay(closes_late) as url:
+        connection = RelayConnection(url, timeout_s=5)
+        await connection.open()
+        try:
+            chunks = connection.read_page({"kinds": [1573]})
+            await asyncio.sleep(0.2)  # the EOSE, the CLOSED and the drop all arrive first
+            assert [obj async for chunk in chunks for obj in chunk] == events
+        finally:
+            await connection.close()
+
+
 async def test_an_ok_without_an_id_answers_the_event_in_flight(address: Address) -> None:
     """nostr-relay refuses an event with `["OK", "", false, reason]`: it is that event's
     answer (one publish at a time), and an `invalid:` reason is permanent."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -152,22 +153,25 @@ async def test_a_model_slower_than_the_timeout_is_an_upstream_timeout(demo_url: 
         await client.aclose()
 
 
-async def test_the_upstreams_cookies_are_not_kept() -> None:
-    """A cookie set on one chat's answer is not sent with the next chat (another user's)."""
-    seen: list[str | None] = []
+async def test_the_upstreams_cookies_are_not_kept_and_encodings_are_decodable() -> None:
+    """A cookie set on one chat's answer is not sent with the next chat (another user's),
+    and the upstream is offered only the compressions httpx can decode."""
+    seen: list[tuple[str | None, str | None]] = []
 
     async def answer(request: Request) -> JSONResponse:
-        seen.append(request.headers.get("cookie"))
+        seen.append((request.headers.get("cookie"), request.headers.get("accept-encoding")))
         response = JSONResponse({"choices": [], "usage": {"prompt_tokens": 1}})
         response.set_cookie("session", "alice")
         return response
 
     app = Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])
     with serve_in_thread(app) as base:
-        client = Upstream(base + "/v1", "key", timeout_s=5)
+        # a host name, not an IP address: aiohttp's default jar ignores cookies from IPs
+        client = Upstream(base.replace("127.0.0.1", "localhost") + "/v1", "key", timeout_s=5)
         try:
             for _ in range(2):
                 await client.complete(chat("hi"))
         finally:
             await client.aclose()
-    assert seen == [None, None]
+    decodable = httpx.AsyncClient().headers["accept-encoding"]
+    assert seen == [(None, decodable), (None, decodable)]
