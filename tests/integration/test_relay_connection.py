@@ -46,6 +46,16 @@ async def scripted_relay(answer: Script) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def connected(url: str, timeout_s: float = 5) -> AsyncIterator[RelayConnection]:
+    connection = RelayConnection(url, timeout_s=timeout_s)
+    await connection.open()
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
 def credit(address: Address, tokens: int) -> dict[str, Any]:
     return seal(Transaction(USERS[0], tokens), address, CONTROLLER_SECRET).to_obj()
 
@@ -54,16 +64,11 @@ async def test_a_silent_relay_fails_the_page_after_the_timeout() -> None:
     async def silent(ws: web.WebSocketResponse, message: list[Any]) -> None:
         return None
 
-    async with scripted_relay(silent) as url:
-        connection = RelayConnection(url, timeout_s=1)
-        await connection.open()
-        try:
-            started = time.monotonic()
-            with pytest.raises(RelayUnavailable, match="neither events nor EOSE"):
-                await connection.fetch_page({"kinds": [1573]})
-            assert time.monotonic() - started >= 1
-        finally:
-            await connection.close()
+    async with scripted_relay(silent) as url, connected(url, 1) as connection:
+        started = time.monotonic()
+        with pytest.raises(RelayUnavailable, match="neither events nor EOSE"):
+            await connection.fetch_page({"kinds": [1573]})
+        assert time.monotonic() - started >= 1
 
 
 async def test_a_closed_query_fails_with_the_relays_reason(address: Address) -> None:
@@ -72,14 +77,9 @@ async def test_a_closed_query_fails_with_the_relays_reason(address: Address) -> 
             await ws.send_str(orjson.dumps(["EVENT", message[1], credit(address, 1)]).decode())
             await ws.send_str(orjson.dumps(["CLOSED", message[1], "error: too busy"]).decode())
 
-    async with scripted_relay(closes) as url:
-        connection = RelayConnection(url, timeout_s=5)
-        await connection.open()
-        try:
-            with pytest.raises(RelayUnavailable, match="closed: error: too busy"):
-                await connection.fetch_page({"kinds": [1573]})
-        finally:
-            await connection.close()
+    async with scripted_relay(closes) as url, connected(url) as connection:
+        with pytest.raises(RelayUnavailable, match="closed: error: too busy"):
+            await connection.fetch_page({"kinds": [1573]})
 
 
 async def test_a_dropped_socket_fails_the_page_and_is_reported_lost(address: Address) -> None:
@@ -90,17 +90,12 @@ async def test_a_dropped_socket_fails_the_page_and_is_reported_lost(address: Add
             await ws.send_str(orjson.dumps(["EVENT", message[1], credit(address, 1)]).decode())
             await ws.close()
 
-    async with scripted_relay(drops) as url:
-        connection = RelayConnection(url, timeout_s=5)
-        await connection.open()
-        try:
-            with pytest.raises(RelayUnavailable, match="connection closed"):
-                await connection.fetch_page({"kinds": [1573]})
-            async with asyncio.timeout(5):
-                assert "connection closed" in await connection.wait_lost()
-            assert not connection.is_connected()
-        finally:
-            await connection.close()
+    async with scripted_relay(drops) as url, connected(url) as connection:
+        with pytest.raises(RelayUnavailable, match="connection closed"):
+            await connection.fetch_page({"kinds": [1573]})
+        async with asyncio.timeout(5):
+            assert "connection closed" in await connection.wait_lost()
+        assert not connection.is_connected()
 
 
 async def test_a_page_streams_in_chunks_before_its_eose(address: Address) -> None:
@@ -144,14 +139,9 @@ async def test_nonsense_from_a_relay_is_ignored(address: Address) -> None:
                 await ws.send_str(orjson.dumps(["EVENT", message[1], obj]).decode())
             await ws.send_str(orjson.dumps(["EOSE", message[1]]).decode())
 
-    async with scripted_relay(babbles) as url:
-        connection = RelayConnection(url, timeout_s=5)
-        await connection.open()
-        try:
-            assert await connection.fetch_page({"kinds": [1573]}) == events
-            assert connection.is_connected()
-        finally:
-            await connection.close()
+    async with scripted_relay(babbles) as url, connected(url) as connection:
+        assert await connection.fetch_page({"kinds": [1573]}) == events
+        assert connection.is_connected()
 
 
 async def test_a_closed_after_the_eose_does_not_undo_the_page(address: Address) -> None:
@@ -165,15 +155,10 @@ async def test_a_closed_after_the_eose_does_not_undo_the_page(address: Address) 
             await ws.send_str(orjson.dumps(["CLOSED", message[1], "done"]).decode())
             await ws.close()
 
-    async with scripted_relay(closes_late) as url:
-        connection = RelayConnection(url, timeout_s=5)
-        await connection.open()
-        try:
-            chunks = connection.read_page({"kinds": [1573]})
-            await asyncio.sleep(0.2)  # the EOSE, the CLOSED and the drop all arrive first
-            assert [obj async for chunk in chunks for obj in chunk] == events
-        finally:
-            await connection.close()
+    async with scripted_relay(closes_late) as url, connected(url) as connection:
+        chunks = connection.read_page({"kinds": [1573]})
+        await asyncio.sleep(0.2)  # the EOSE, the CLOSED and the drop all arrive first
+        assert [obj async for chunk in chunks for obj in chunk] == events
 
 
 async def test_an_ok_without_an_id_answers_the_event_in_flight(address: Address) -> None:
@@ -185,13 +170,8 @@ async def test_an_ok_without_an_id_answers_the_event_in_flight(address: Address)
             await ws.send_str(orjson.dumps(["OK", "", False, "invalid: too large"]).decode())
 
     event = seal(Transaction(USERS[0], 5), address, CONTROLLER_SECRET)
-    async with scripted_relay(refuses) as url:
-        connection = RelayConnection(url, timeout_s=5)
-        await connection.open()
-        try:
-            result = await connection.publish(event)
-        finally:
-            await connection.close()
+    async with scripted_relay(refuses) as url, connected(url) as connection:
+        result = await connection.publish(event)
     assert result.answer is RelayAnswer.REJECTED
     assert result.reason == "invalid: too large"
 
