@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsproxy.adapters.relay import session_filter
 from dsproxy.config import Settings, load_settings
+from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.services.node import Node
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import public_key_of
@@ -97,6 +98,7 @@ async def ingest_s(url: str, count: int, page_max: int) -> float:
             Path(directory), url, events_per_page_max=page_max, ingest_queue_len_max=20_000
         )
         node = await Node.open(settings)
+        freeze_startup_objects()  # as `dsproxy node` does once it has opened the node
         stop = asyncio.Event()
         started = time.perf_counter()
         task = asyncio.create_task(node.run(stop))

@@ -18,6 +18,7 @@ from dsproxy.adapters.solana_keys import load_keypair
 from dsproxy.adapters.solana_rpc import BalancePaymentRpc
 from dsproxy.bootstrap import open_ledger, program_from_settings
 from dsproxy.config import Settings
+from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.errors import ConfigError
 from dsproxy.handlers.recharge import build_recharge_handler
 from dsproxy.services.controller import ControllerLoop
@@ -94,6 +95,7 @@ async def _serve(settings: Settings) -> int:
                 signer_secret=secret, bot=bot, payer=payer,
             )  # fmt: skip
             loop = ControllerLoop(handler, concurrency_max=settings.controller_concurrency_max)
+            freeze_startup_objects()
             await _run_until_signalled(node, loop)
     finally:
         await node.aclose()

@@ -12,6 +12,7 @@ from typing import Any
 
 from dsproxy.adapters.node_keys import create_key_file
 from dsproxy.config import Settings
+from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.services.node import Node
 from dsproxy.services.outbox import list_outbox
 
@@ -45,6 +46,7 @@ def run_node(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _node(settings: Settings) -> int:
     node = await Node.open(settings)
+    freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

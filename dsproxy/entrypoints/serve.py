@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import sys
@@ -27,6 +26,7 @@ from starlette.types import ASGIApp
 
 from dsproxy.config import Settings
 from dsproxy.entrypoints import http_accounts, http_dapp, http_openai
+from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.entrypoints.http_api import (
     Backend,
     CountRequests,
@@ -101,10 +101,7 @@ async def serve(
 ) -> None:
     """Serve until `stop` is set or a signal arrives; `on_started(port)` once listening."""
     backend = await open_backend(settings)
-    # Everything loaded so far (tokenizer, SDKs, settings) lives as long as the process: leave
-    # it out of the collector's full passes, which otherwise stall every chat for tens of ms.
-    gc.collect()
-    gc.freeze()
+    freeze_startup_objects()
     try:
         config = uvicorn.Config(
             build_app(backend),
