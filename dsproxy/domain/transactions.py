@@ -38,8 +38,13 @@ def entry_from_parts(
     """The same, from an event's fields (the projector's hot path reads them from JSON)."""
     if kind != DEPHY_KIND:
         return Ignored(event_id, f"kind {kind} is not {DEPHY_KIND}")
-    session = next((tag[1] for tag in tags if len(tag) >= 2 and tag[0] == "s"), None)
-    machine = next((tag[1] for tag in tags if len(tag) >= 2 and tag[0] == "p"), None)
+    session = machine = None  # the first `s` and the first `p`, in one pass
+    for tag in tags:
+        if len(tag) >= 2:
+            if tag[0] == "s" and session is None:
+                session = tag[1]
+            elif tag[0] == "p" and machine is None:
+                machine = tag[1]
     if session is None or machine is None:
         return Ignored(event_id, "missing the 's' or 'p' tag")
     if len(content) > content_bytes_max or len(content.encode()) > content_bytes_max:
