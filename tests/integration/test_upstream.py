@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from dsproxy.adapters.tokenizer import Tokenizer
@@ -175,3 +177,31 @@ async def test_the_upstreams_cookies_are_not_kept_and_encodings_are_decodable() 
             await client.aclose()
     decodable = httpx.AsyncClient().headers["accept-encoding"]
     assert seen == [(None, decodable), (None, decodable)]
+
+
+async def test_a_stream_is_read_as_utf8_even_split_inside_a_character() -> None:
+    """SSE is UTF-8: a character split across network writes arrives whole, whatever
+    charset the upstream's content type claims."""
+    chunk = orjson.dumps({"choices": [{"index": 0, "delta": {"content": "你好, Grüße"}}]})
+    wire = b"data: " + chunk + b"\n\ndata: [DONE]\n\n"
+    cut = wire.index("好".encode()) + 1
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in (wire[:cut], wire[cut:]):
+            yield piece
+            await asyncio.sleep(0.05)
+
+    async def answer(request: Request) -> StreamingResponse:
+        return StreamingResponse(pieces(), media_type="text/event-stream; charset=latin-1")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])
+    with serve_in_thread(app) as base:
+        client = Upstream(base + "/v1", "key", timeout_s=5)
+        try:
+            stream = await client.open_stream(chat("hi", stream=True))
+            received = [chunk.data async for chunk in stream.chunks()]
+            await stream.aclose()
+        finally:
+            await client.aclose()
+    assert [c["choices"][0]["delta"]["content"] for c in received] == ["你好, Grüße"]
+    assert stream.finished
