@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from attrs import frozen
@@ -57,7 +57,6 @@ _SELECT_AFTER = (
     "SELECT rowid, topic, state, originator_id, originator_version FROM {table} "
     "WHERE rowid > ? ORDER BY rowid LIMIT ?"
 )
-_T = TypeVar("_T")
 WRITES_PER_COMMIT_MAX = 256
 
 

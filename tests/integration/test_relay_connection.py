@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -65,10 +64,8 @@ async def test_a_silent_relay_fails_the_page_after_the_timeout() -> None:
         return None
 
     async with scripted_relay(silent) as url, connected(url, 1) as connection:
-        started = time.monotonic()
-        with pytest.raises(RelayUnavailable, match="neither events nor EOSE"):
+        with pytest.raises(RelayUnavailable, match="neither events nor EOSE for 1 s"):
             await connection.fetch_page({"kinds": [1573]})
-        assert time.monotonic() - started >= 1
 
 
 async def test_a_closed_query_fails_with_the_relays_reason(address: Address) -> None:
