@@ -154,7 +154,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "relay_retry_ms_min": (_int_at_least(1), 200),
     "relay_retry_ms_max": (_int_at_least(1), 30_000),
     "publish_rejections_max": (_int_at_least(1), 20),
-    "events_per_page_max": (_int_at_least(1), 500),
+    "events_per_page_max": (_int_at_least(1), 5_000),
 }
 
 

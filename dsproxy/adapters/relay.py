@@ -85,15 +85,25 @@ def session_filter(
 
 
 def next_until(
-    created_ats: Sequence[int], until: int | None, since: int, page_limit: int, fresh: int
+    created_ats: Sequence[int],
+    until: int | None,
+    since: int,
+    *,
+    returned: int,
+    fresh: int,
+    most_returned: int,
 ) -> int | None:
     """The `until` of the next history page, or None when the history is complete.
 
-    A short page is the last one. Otherwise re-ask from the oldest second of this page (`until`
-    may be exclusive). A full page with nothing new means one or two seconds hold a full page:
-    step `until` down by at least one second so that paging always ends.
+    Relays cap a query at their own limit, which they rarely publish, so a page shorter than
+    asked may still be cut. It is the last one only when shorter than `most_returned` (the most
+    events this relay has returned for one query of this history, this page included): the
+    relay could have sent more and did not. Otherwise re-ask from the oldest second of this page
+    (`until` may be exclusive). A page with nothing new means one or two seconds fill it: step
+    `until` down by at least one second so that paging always ends. `created_ats` are the
+    well-formed ones of the `returned` events.
     """
-    if len(created_ats) < page_limit:
+    if returned < most_returned or not created_ats:
         return None
     oldest = min(created_ats)
     if fresh:
@@ -379,11 +389,12 @@ async def fetch_history(
     connection: RelayConnection, address: Address, since: int, page_max: int
 ) -> AsyncIterator[HistoryPage]:
     """Every stored event of the session from `since` on, newest page first, once each."""
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # id -> created_at of the events a later page may serve again
     until: int | None = None
+    most_returned = 0
     while True:
         created_ats: list[int] = []
-        fresh_count = 0
+        returned = fresh_count = 0
         query = session_filter(address, since, until, page_max)
         async with contextlib.aclosing(connection.read_page(query)) as chunks:
             async for chunk in chunks:
@@ -392,25 +403,38 @@ async def fetch_history(
                     created_at, event_id = obj.get("created_at"), obj.get("id")
                     if type(created_at) is int:
                         created_ats.append(created_at)
+                    else:
+                        created_at = 0  # refused at the door; remembered till the end
                     if isinstance(event_id, str) and event_id not in seen:
-                        seen.add(event_id)
+                        seen[event_id] = created_at
                         fresh.append(obj)
+                returned += len(chunk)
                 fresh_count += len(fresh)
                 if fresh:
                     yield HistoryPage(tuple(fresh))
-        following = next_until(created_ats, until, since, page_max, fresh_count)
-        if following is not None and not fresh_count:
+        most_returned = max(most_returned, returned)
+        following = next_until(
+            created_ats,
+            until,
+            since,
+            returned=returned,
+            fresh=fresh_count,
+            most_returned=most_returned,
+        )
+        if following is not None and not fresh_count and returned >= page_max:
             log.warning(
                 "%s returned a full page of %d events at second %s alone: events of that second "
                 "beyond the relay's page limit may be missed",
                 connection.url,
-                len(created_ats),
+                returned,
                 min(created_ats),
             )
             yield HistoryPage((), overflowed=True)
         if following is None:
             return
         until = following
+        # the next page holds nothing newer than `until`: forget what it cannot serve again
+        seen = {event_id: at for event_id, at in seen.items() if at <= until}
 
 
 class RelayPublisher:

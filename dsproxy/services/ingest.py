@@ -135,7 +135,7 @@ class IngestLimits:
 
     queue_len_max: int = 10_000
     batch_events_max: int = 2_000
-    events_per_page_max: int = 500
+    events_per_page_max: int = 5_000
     content_bytes_max: int = 65_536
     history_overlap_s: int = 300
     relay_timeout_s: float = 10.0

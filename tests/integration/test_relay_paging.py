@@ -1,4 +1,5 @@
-"""History paging: the pure `next_until` rule, and a LocalRelay whose queries stop at 500."""
+"""History paging: the pure `next_until` rule, and a LocalRelay whose queries stop at 500
+(while the node asks for more)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from tests.integration.relay_fixtures import credits, fetch_ids, local_relay, pu
 __all__ = ["local_relay"]
 
 
-def simulate(created_ats: list[int], page_limit: int, inclusive: bool) -> tuple[set[int], int]:
-    """Page a relay holding these events (by index) as our fetch does; count the queries."""
+def simulate(
+    created_ats: list[int], asked: int, relay_cap: int, inclusive: bool
+) -> tuple[set[int], int]:
+    """Page a relay holding these events (by index) as our fetch does; count the queries.
+    The relay answers at most `relay_cap` events a query, whatever the `limit` asked."""
     seen: set[int] = set()
     until: int | None = None
-    queries = 0
+    queries = most_returned = 0
     while True:
         queries += 1
         matching = [
@@ -28,10 +32,18 @@ def simulate(created_ats: list[int], page_limit: int, inclusive: bool) -> tuple[
             for index, at in enumerate(created_ats)
             if until is None or (at <= until if inclusive else at < until)
         ]
-        page = sorted(matching, key=lambda index: -created_ats[index])[:page_limit]
+        page = sorted(matching, key=lambda index: -created_ats[index])[: min(asked, relay_cap)]
         fresh = [index for index in page if index not in seen]
         seen.update(fresh)
-        following = next_until([created_ats[i] for i in page], until, 0, page_limit, len(fresh))
+        most_returned = max(most_returned, len(page))
+        following = next_until(
+            [created_ats[i] for i in page],
+            until,
+            0,
+            returned=len(page),
+            fresh=len(fresh),
+            most_returned=most_returned,
+        )
         if following is None:
             return seen, queries
         until = following
@@ -40,18 +52,32 @@ def simulate(created_ats: list[int], page_limit: int, inclusive: bool) -> tuple[
 @given(
     st.lists(st.integers(0, 40), max_size=300),
     st.integers(2, 50),
+    st.integers(2, 60),
     st.booleans(),
 )
 def test_paging_ends_and_misses_nothing_unless_a_second_overflows(
-    created_ats: list[int], page_limit: int, inclusive: bool
+    created_ats: list[int], asked: int, relay_cap: int, inclusive: bool
 ) -> None:
-    """Whether `until` is inclusive or exclusive, paging ends, and it returns every event
-    whenever no two adjacent seconds together hold more than a page."""
-    seen, queries = simulate(created_ats, page_limit, inclusive)
+    """Whether `until` is inclusive or exclusive, and whether the relay answers as many as
+    asked or fewer (its own cap, unknown to us), paging ends, and it returns every event
+    whenever no two adjacent seconds together hold as many as one answer."""
+    seen, queries = simulate(created_ats, asked, relay_cap, inclusive)
     assert queries <= len(created_ats) + 45
     per_second = [created_ats.count(second) for second in range(42)]
-    if all(a + b < page_limit for a, b in itertools.pairwise(per_second)):
+    answer = min(asked, relay_cap)
+    if all(a + b < answer for a, b in itertools.pairwise(per_second)):
         assert seen == set(range(len(created_ats)))
+
+
+def test_a_short_answer_ends_paging_only_once_the_relay_has_shown_it_could_send_more() -> None:
+    """A relay that caps at 300 while we ask 5,000: the first short answer is not the end."""
+    created_ats = [second for second in range(100) for _ in range(10)]  # 1,000 events
+    seen, queries = simulate(created_ats, asked=5_000, relay_cap=300, inclusive=False)
+    assert seen == set(range(1_000))
+    assert queries >= 4
+    seen, queries = simulate(created_ats, asked=5_000, relay_cap=10_000, inclusive=False)
+    assert seen == set(range(1_000))
+    assert queries == 2  # the whole history, then one answer that holds nothing new
 
 
 async def test_history_beyond_one_query_comes_back_whole(
@@ -74,7 +100,7 @@ async def test_a_slow_reader_still_gets_every_event_once(
     await connection.open()
     received: list[str] = []
     try:
-        async for page in fetch_history(connection, address, 0, 500):
+        async for page in fetch_history(connection, address, 0, 5_000):
             received += [str(obj["id"]) for obj in page.events]
             await asyncio.sleep(0.05)
     finally:
