@@ -4,9 +4,11 @@ Both servers run as their own processes (as in production); metering is on (ever
 hold, records its charge durably before answering, and its debit event follows). Prints latency
 percentiles, the latency the proxy adds, the throughput ratio and the CPU time each process
 spends per chat, at concurrency 1 and 32, for each upstream speed in `--think-ms`: 0 is an
-instant model (the proxy's own cost is all there is to see), 50 a fast real one.
+instant model (the proxy's own cost is all there is to see), 50 a fast real one. Direct and
+proxied runs alternate `--pairs` times; the added latency and the throughput ratio are taken
+within each pair and their median printed, with their range.
 
-    python scripts/bench_proxy.py [--requests 400] [--stream] [--think-ms 0,50]
+    python scripts/bench_proxy.py [--requests 400] [--stream] [--think-ms 0,50] [--pairs 3]
 """
 
 from __future__ import annotations
@@ -179,7 +181,32 @@ async def run(
     }
 
 
-async def bench(requests: int, stream: bool, thinks_ms: list[int]) -> None:
+def summary(
+    think_ms: int, concurrency: int, directs: list[dict], proxieds: list[dict], cpus_ms: list[float]
+) -> str:
+    """Medians over the pairs; each figure of merit is taken within a pair, then its median."""
+
+    def median(runs: list[dict], key: str) -> float:
+        return statistics.median(run[key] for run in runs)
+
+    pairs = list(zip(directs, proxieds, strict=True))
+    added_p50 = sorted(proxied["p50_ms"] - direct["p50_ms"] for direct, proxied in pairs)
+    added_p99 = sorted(proxied["p99_ms"] - direct["p99_ms"] for direct, proxied in pairs)
+    ratios = sorted(proxied["rps"] / direct["rps"] for direct, proxied in pairs)
+    return (
+        f"upstream {think_ms:>3} ms, concurrency {concurrency:>2}: "
+        f"direct p50 {median(directs, 'p50_ms'):.2f} ms p99 {median(directs, 'p99_ms'):.2f} ms "
+        f"{median(directs, 'rps'):.0f} req/s | proxy p50 {median(proxieds, 'p50_ms'):.2f} ms "
+        f"p99 {median(proxieds, 'p99_ms'):.2f} ms {median(proxieds, 'rps'):.0f} req/s | "
+        f"added p50 {statistics.median(added_p50):+.2f} ms "
+        f"({added_p50[0]:+.2f}..{added_p50[-1]:+.2f}) "
+        f"p99 {statistics.median(added_p99):+.2f} ms | "
+        f"throughput ratio {statistics.median(ratios):.2f} ({ratios[0]:.2f}..{ratios[-1]:.2f}) | "
+        f"proxy CPU {statistics.median(cpus_ms):.2f} ms/chat"
+    )
+
+
+async def bench(requests: int, stream: bool, thinks_ms: list[int], pairs: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         data_dir.mkdir()
@@ -189,23 +216,20 @@ async def bench(requests: int, stream: bool, thinks_ms: list[int]) -> None:
         try:
             key = await api_key(proxy_url, wallet)
             kind = "streamed" if stream else "non-streamed"
-            print(f"{requests} {kind} chats per run; {os.cpu_count()} CPUs; {GOALS}")
+            print(f"{requests} {kind} chats per run, {pairs} pairs; {os.cpu_count()} CPUs; {GOALS}")
             proxy_pid = processes[1].pid
             for think_ms, concurrency in itertools.product(thinks_ms, (1, 32)):
-                direct = await run(upstream_url, "unused", requests, concurrency, stream, think_ms)
-                before = cpu_seconds(proxy_pid)
-                proxied = await run(proxy_url + "/v1", key, requests, concurrency, stream, think_ms)
-                proxy_cpu_ms = (cpu_seconds(proxy_pid) - before) * 1000 / requests
-                print(
-                    f"upstream {think_ms:>3} ms, concurrency {concurrency:>2}: "
-                    f"direct p50 {direct['p50_ms']:.2f} ms p99 {direct['p99_ms']:.2f} ms "
-                    f"{direct['rps']:.0f} req/s | proxy p50 {proxied['p50_ms']:.2f} ms "
-                    f"p99 {proxied['p99_ms']:.2f} ms {proxied['rps']:.0f} req/s | "
-                    f"added p50 {proxied['p50_ms'] - direct['p50_ms']:+.2f} ms "
-                    f"p99 {proxied['p99_ms'] - direct['p99_ms']:+.2f} ms | "
-                    f"throughput ratio {proxied['rps'] / direct['rps']:.2f} | "
-                    f"proxy CPU {proxy_cpu_ms:.2f} ms/chat"
-                )
+                directs, proxieds, cpus_ms = [], [], []
+                for _ in range(pairs):  # alternate, so both sides meet the same machine
+                    directs.append(
+                        await run(upstream_url, "unused", requests, concurrency, stream, think_ms)
+                    )
+                    before = cpu_seconds(proxy_pid)
+                    proxieds.append(
+                        await run(proxy_url + "/v1", key, requests, concurrency, stream, think_ms)
+                    )
+                    cpus_ms.append((cpu_seconds(proxy_pid) - before) * 1000 / requests)
+                print(summary(think_ms, concurrency, directs, proxieds, cpus_ms))
         finally:
             for process in processes:
                 process.send_signal(signal.SIGTERM)
@@ -219,9 +243,10 @@ def main() -> None:
     parser.add_argument(
         "--think-ms", default="0,50", help="the demo model's time to answer, comma-separated"
     )
+    parser.add_argument("--pairs", type=int, default=3, help="direct/proxy runs alternated")
     args = parser.parse_args()
     thinks_ms = [int(value) for value in args.think_ms.split(",")]
-    asyncio.run(bench(args.requests, args.stream, thinks_ms))
+    asyncio.run(bench(args.requests, args.stream, thinks_ms, args.pairs))
 
 
 if __name__ == "__main__":
