@@ -275,21 +275,47 @@ class Ingest:
             await asyncio.sleep(delay_ms / 1000)
 
     async def run(self) -> None:
-        """The worker: take what is queued (up to a batch), process it, repeat."""
-        while True:
-            batch = [await self.queue.get()]
-            events = _events_in(batch[0])
-            while events < self.limits.batch_events_max and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                events += _events_in(batch[-1])
-            try:
-                await self.process(batch)
-            finally:
-                async with self._room:
-                    self.queued_events -= events
-                    self._room.notify_all()
-                for _ in batch:
-                    self.queue.task_done()
+        """The worker: take what is queued (up to a batch) and verify it while the batch before
+        is stored. Batches are stored, and checkpoints moved, one at a time in arrival order."""
+        storing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if storing is not None and self.queue.empty():
+                    await storing  # nothing to overlap with: a failure surfaces now
+                    storing = None
+                batch = [await self.queue.get()]
+                events = _events_in(batch[0])
+                while events < self.limits.batch_events_max and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    events += _events_in(batch[-1])
+                try:
+                    verdicts = await self.verify(batch)
+                    if storing is not None:
+                        await storing
+                except BaseException:
+                    await self._release(batch, events)
+                    raise
+                storing = asyncio.create_task(self._store_then_release(batch, verdicts, events))
+        finally:
+            if storing is not None and not storing.done():
+                storing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await storing
+
+    async def _store_then_release(
+        self, batch: Sequence[QueueItem], verdicts: Sequence[NostrEvent | Refusal], events: int
+    ) -> None:
+        try:
+            await self.store_verified(batch, verdicts)
+        finally:
+            await self._release(batch, events)
+
+    async def _release(self, batch: Sequence[QueueItem], events: int) -> None:
+        async with self._room:
+            self.queued_events -= events
+            self._room.notify_all()
+        for _ in batch:
+            self.queue.task_done()
 
     async def _enqueue(self, item: QueueItem) -> None:
         """Queue an item, first waiting for room (an item larger than the bound goes alone)."""
@@ -307,9 +333,20 @@ class Ingest:
 
     async def process(self, batch: Sequence[QueueItem]) -> None:
         """Verify, append, wake the projector, then move checkpoints (in that order)."""
+        await self.store_verified(batch, await self.verify(batch))
+
+    async def verify(self, batch: Sequence[QueueItem]) -> list[NostrEvent | Refusal]:
+        """The door's verdict on every event of the batch, in order."""
         incoming = [item for item in batch if isinstance(item, Incoming)]
         verdicts = await self._admit_in_parallel([obj for item in incoming for obj in item.objs])
         self.stats.received += len(verdicts)
+        return verdicts
+
+    async def store_verified(
+        self, batch: Sequence[QueueItem], verdicts: Sequence[NostrEvent | Refusal]
+    ) -> None:
+        """Append what the door admitted, wake the projector, then move checkpoints."""
+        incoming = [item for item in batch if isinstance(item, Incoming)]
         admitted: list[NostrEvent] = []
         source: dict[str, str] = {}
         relays = (item.relay for item in incoming for _ in item.objs)

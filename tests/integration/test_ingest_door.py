@@ -204,3 +204,54 @@ async def test_back_pressure_counts_events_not_entries(
         ingest.close()
         await checkpoints.close()
         await ledger.aclose()
+
+
+async def test_batches_verified_while_the_one_before_is_stored_land_in_arrival_order(
+    node_settings: Settings, address: Address
+) -> None:
+    """The worker verifies a batch while the previous one is being stored: the store still
+    gets every event once, in the order the relay sent them."""
+    import asyncio
+
+    ledger = await open_ledger(node_settings)
+    checkpoints = await CheckpointDb.open(node_settings.data_dir / "checkpoints.sqlite")
+    ingest = Ingest(ledger.store, checkpoints, address, limits=IngestLimits(batch_events_max=100))
+    events = credits(CONTROLLER_SECRET, address, 1_000)
+    worker = asyncio.create_task(ingest.run())
+    try:
+        for start in range(0, len(events), 100):
+            chunk = tuple(event.to_obj() for event in events[start : start + 100])
+            await ingest._enqueue(Incoming("ws://a", chunk))
+        await ingest.drain()
+        stored = [json.loads(record.state)["id"] for record in await ledger.store.read(0, 2_000)]
+        assert stored == [event.id for event in events]
+        assert ingest.queued_events == 0 and not worker.done()
+    finally:
+        worker.cancel()
+        ingest.close()
+        await checkpoints.close()
+        await ledger.aclose()
+
+
+async def test_a_store_failure_stops_the_worker_with_its_error(
+    node_settings: Settings, address: Address
+) -> None:
+    """A batch that cannot be stored ends the worker (the node then stops) instead of being
+    dropped, and the room it took in the queue is given back."""
+    import asyncio
+
+    ledger = await open_ledger(node_settings)
+    checkpoints = await CheckpointDb.open(node_settings.data_dir / "checkpoints.sqlite")
+    ingest = Ingest(ledger.store, checkpoints, address)
+    events = credits(CONTROLLER_SECRET, address, 10)
+    try:
+        await ledger.store.close()
+        worker = asyncio.create_task(ingest.run())
+        await ingest._enqueue(Incoming("ws://a", tuple(event.to_obj() for event in events)))
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await asyncio.wait_for(worker, 10)
+        assert ingest.queued_events == 0 and ingest.stats.appended == 0
+    finally:
+        ingest.close()
+        await checkpoints.close()
+        await ledger.db.close()
