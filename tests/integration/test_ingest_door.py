@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 
 import attrs
 import pytest
 
-from dsproxy.bootstrap import open_ledger
+from dsproxy.bootstrap import LedgerNode, open_ledger
 from dsproxy.config import Settings
 from dsproxy.services.ingest import CheckpointDb, Incoming, Ingest, IngestLimits, Refusal, admit
 from dsproxy.wire.envelope import Address, seal
@@ -29,6 +32,22 @@ from tests.integration.relay_fixtures import (
 __all__ = ["local_relay"]
 
 CONTENT_BYTES_MAX = 512
+
+
+@contextlib.asynccontextmanager
+async def ingest_into_ledger(
+    settings: Settings, address: Address, limits: IngestLimits | None = None
+) -> AsyncIterator[tuple[LedgerNode, Ingest]]:
+    """An ingest over a fresh ledger and checkpoint file, all closed afterwards."""
+    ledger = await open_ledger(settings)
+    checkpoints = await CheckpointDb.open(settings.data_dir / "checkpoints.sqlite")
+    ingest = Ingest(ledger.store, checkpoints, address, limits=limits or IngestLimits())
+    try:
+        yield ledger, ingest
+    finally:
+        ingest.close()
+        await checkpoints.close()
+        await ledger.aclose()
 
 
 def forged_and_strange(address: Address) -> dict[str, NostrEvent]:
@@ -83,12 +102,8 @@ async def test_refused_events_change_nothing_and_untrusted_are_stored_only(
     """Through the ingest worker: refusals are counted and logged, no balance moves; the
     untrusted author's credit is stored for audit and ignored by the ledger."""
     settings = node_settings.replace(content_bytes_max=CONTENT_BYTES_MAX)
-    ledger = await open_ledger(settings)
-    checkpoints = await CheckpointDb.open(settings.data_dir / "checkpoints.sqlite")
-    ingest = Ingest(
-        ledger.store, checkpoints, address, limits=IngestLimits(content_bytes_max=CONTENT_BYTES_MAX)
-    )
-    try:
+    limits = IngestLimits(content_bytes_max=CONTENT_BYTES_MAX)
+    async with ingest_into_ledger(settings, address, limits) as (ledger, ingest):
         events = forged_and_strange(address)
         await ingest.process(
             [Incoming("ws://evil.example", (e.to_obj(),)) for e in events.values()]
@@ -107,10 +122,6 @@ async def test_refused_events_change_nothing_and_untrusted_are_stored_only(
         ignored = await ledger.db.ignored()
         assert [event_id for _, event_id, _ in ignored] == [events["untrusted_author"].id]
         assert sum("refused an event from ws://evil.example" in m for m in caplog.messages) == 6
-    finally:
-        ingest.close()
-        await checkpoints.close()
-        await ledger.aclose()
 
 
 async def test_strange_events_through_a_relay_move_no_balance(
@@ -154,10 +165,7 @@ async def test_a_large_batch_is_verified_in_slices_and_each_verdict_meets_its_ev
 ) -> None:
     """Forgeries scattered through a batch verified on several threads are refused, each
     good event is stored, and the balance is exactly the good events' sum."""
-    ledger = await open_ledger(node_settings)
-    checkpoints = await CheckpointDb.open(node_settings.data_dir / "checkpoints.sqlite")
-    ingest = Ingest(ledger.store, checkpoints, address)
-    try:
+    async with ingest_into_ledger(node_settings, address) as (ledger, ingest):
         good = credits(CONTROLLER_SECRET, address, 400)
         forged = {index for index in range(0, 400, 37)}
         objs = [
@@ -173,10 +181,6 @@ async def test_a_large_batch_is_verified_in_slices_and_each_verdict_meets_its_ev
         assert ingest.stats.appended == len(kept)
         accounts = [await ledger.db.account(user) for user in USERS]
         assert [0 if account is None else account.balance for account in accounts] == totals(kept)
-    finally:
-        ingest.close()
-        await checkpoints.close()
-        await ledger.aclose()
 
 
 async def test_back_pressure_counts_events_not_entries(
@@ -184,13 +188,11 @@ async def test_back_pressure_counts_events_not_entries(
 ) -> None:
     """With room for 10 events, live events (one entry each) and a history chunk (one entry
     of many) wait alike until the worker has stored enough; then all are stored."""
-    import asyncio
-
-    ledger = await open_ledger(node_settings)
-    checkpoints = await CheckpointDb.open(node_settings.data_dir / "checkpoints.sqlite")
-    ingest = Ingest(ledger.store, checkpoints, address, limits=IngestLimits(queue_len_max=10))
     events = credits(CONTROLLER_SECRET, address, 40)
-    try:
+    async with ingest_into_ledger(node_settings, address, IngestLimits(queue_len_max=10)) as (
+        _,
+        ingest,
+    ):
         live = asyncio.gather(*(ingest._on_live("ws://a", e.to_obj()) for e in events[:20]))
         await asyncio.sleep(0.1)
         assert ingest.queued_events == 10 and not live.done()
@@ -200,10 +202,6 @@ async def test_back_pressure_counts_events_not_entries(
         await ingest.drain()
         worker.cancel()
         assert ingest.stats.appended == 40 and ingest.queued_events == 0
-    finally:
-        ingest.close()
-        await checkpoints.close()
-        await ledger.aclose()
 
 
 async def test_batches_verified_while_the_one_before_is_stored_land_in_arrival_order(
@@ -211,14 +209,10 @@ async def test_batches_verified_while_the_one_before_is_stored_land_in_arrival_o
 ) -> None:
     """The worker verifies a batch while the previous one is being stored: the store still
     gets every event once, in the order the relay sent them."""
-    import asyncio
-
-    ledger = await open_ledger(node_settings)
-    checkpoints = await CheckpointDb.open(node_settings.data_dir / "checkpoints.sqlite")
-    ingest = Ingest(ledger.store, checkpoints, address, limits=IngestLimits(batch_events_max=100))
     events = credits(CONTROLLER_SECRET, address, 1_000)
-    worker = asyncio.create_task(ingest.run())
-    try:
+    limits = IngestLimits(batch_events_max=100)
+    async with ingest_into_ledger(node_settings, address, limits) as (ledger, ingest):
+        worker = asyncio.create_task(ingest.run())
         for start in range(0, len(events), 100):
             chunk = tuple(event.to_obj() for event in events[start : start + 100])
             await ingest._enqueue(Incoming("ws://a", chunk))
@@ -226,11 +220,7 @@ async def test_batches_verified_while_the_one_before_is_stored_land_in_arrival_o
         stored = [json.loads(record.state)["id"] for record in await ledger.store.read(0, 2_000)]
         assert stored == [event.id for event in events]
         assert ingest.queued_events == 0 and not worker.done()
-    finally:
         worker.cancel()
-        ingest.close()
-        await checkpoints.close()
-        await ledger.aclose()
 
 
 async def test_a_store_failure_stops_the_worker_with_its_error(
@@ -238,8 +228,6 @@ async def test_a_store_failure_stops_the_worker_with_its_error(
 ) -> None:
     """A batch that cannot be stored ends the worker (the node then stops) instead of being
     dropped, and the room it took in the queue is given back."""
-    import asyncio
-
     ledger = await open_ledger(node_settings)
     checkpoints = await CheckpointDb.open(node_settings.data_dir / "checkpoints.sqlite")
     ingest = Ingest(ledger.store, checkpoints, address)
