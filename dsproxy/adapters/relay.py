@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 import nostr_sdk
 import orjson
-from attrs import frozen
+from attrs import define, field, frozen
 from yarl import URL
 
 from dsproxy.domain.publication import RelayAnswer, RelayResult, answer_of
@@ -41,12 +41,12 @@ from dsproxy.wire.event import NostrEvent
 __all__ = [
     "EventSink",
     "HistoryPage",
+    "HistoryPager",
     "RelayConnection",
     "RelayPublisher",
     "RelayUnavailable",
     "build_local_relay",
     "fetch_history",
-    "next_until",
     "session_filter",
 ]
 
@@ -84,32 +84,76 @@ def session_filter(
     return query
 
 
-def next_until(
-    created_ats: Sequence[int],
-    until: int | None,
-    since: int,
-    *,
-    returned: int,
-    fresh: int,
-    most_returned: int,
-) -> int | None:
-    """The `until` of the next history page, or None when the history is complete.
+@define
+class HistoryPager:
+    """The pure state of one history fetch: what to ask next, and which events are new.
 
-    Relays cap a query at their own limit, which they rarely publish, so a page shorter than
-    asked may still be cut. It is the last one only when shorter than `most_returned` (the most
-    events this relay has returned for one query of this history, this page included): the
-    relay could have sent more and did not. Otherwise re-ask from the oldest second of this page
-    (`until` may be exclusive). A page with nothing new means one or two seconds fill it: step
-    `until` down by at least one second so that paging always ends. `created_ats` are the
-    well-formed ones of the `returned` events.
+    Relays cap an answer at a limit they rarely publish, and differ on whether `until` is
+    inclusive, so an answer shorter than asked proves nothing. Paging ends on an empty answer,
+    or on one with nothing new that is shorter than the longest answer so far (the relay could
+    have sent more and did not). An answer with anything new is always followed by another
+    query, from its oldest second (`until` may be exclusive); one with nothing new that is as
+    long as the longest steps `until` down a second (one or two seconds fill an answer: what
+    they hold beyond it cannot be paged, see `overflowed`). Events outside the asked window (a
+    relay that ignores `until`) are skipped, and only the ids a later answer may serve again are
+    remembered, so memory stays at about one answer.
     """
-    if returned < most_returned or not created_ats:
-        return None
-    oldest = min(created_ats)
-    if fresh:
-        return oldest + 1 if until is None else min(oldest + 1, until)
-    following = oldest if until is None else min(oldest, until - 1)
-    return following if following >= since else None
+
+    since: int
+    page_max: int
+    until: int | None = None
+    most_returned: int = 0
+    overflowed: bool = False  # the last answer ended at a second fuller than one answer
+    last_returned: int = 0  # events in the asked window in the last answer
+    _seen: dict[str, int] = field(factory=dict)  # id -> created_at (0 if malformed)
+    _created_ats: list[int] = field(factory=list)
+    _returned: int = 0
+    _fresh: int = 0
+
+    def query(self, address: Address) -> dict[str, Any]:
+        return session_filter(address, self.since, self.until, self.page_max)
+
+    def take(self, chunk: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events of this part of the answer that are new and inside the asked window."""
+        fresh = []
+        for obj in chunk:
+            created_at, event_id = obj.get("created_at"), obj.get("id")
+            if type(created_at) is int:
+                if self.until is not None and created_at > self.until:
+                    continue
+                self._created_ats.append(created_at)
+            else:
+                created_at = 0  # refused at the door; remembered till the end
+            self._returned += 1
+            if isinstance(event_id, str) and event_id not in self._seen:
+                self._seen[event_id] = created_at
+                fresh.append(obj)
+        self._fresh += len(fresh)
+        return fresh
+
+    def answered(self) -> bool:
+        """The answer is complete: move to the next query; False when the history is."""
+        returned, fresh, created_ats = self._returned, self._fresh, self._created_ats
+        self._returned = self._fresh = 0
+        self._created_ats = []
+        self.last_returned = returned
+        self.most_returned = max(self.most_returned, returned)
+        self.overflowed = False
+        if not created_ats:
+            return False
+        oldest = min(created_ats)
+        if fresh:
+            following = oldest + 1 if self.until is None else min(oldest + 1, self.until)
+        elif returned < self.most_returned:
+            return False
+        else:
+            following = oldest if self.until is None else min(oldest, self.until - 1)
+            self.overflowed = returned >= self.page_max
+            if following < self.since:
+                return False
+        self.until = following
+        self._seen = {event_id: at for event_id, at in self._seen.items() if at <= following}
+        return True
 
 
 def _websocket_url(url: str) -> URL:
@@ -389,52 +433,24 @@ async def fetch_history(
     connection: RelayConnection, address: Address, since: int, page_max: int
 ) -> AsyncIterator[HistoryPage]:
     """Every stored event of the session from `since` on, newest page first, once each."""
-    seen: dict[str, int] = {}  # id -> created_at of the events a later page may serve again
-    until: int | None = None
-    most_returned = 0
+    pager = HistoryPager(since, page_max)
     while True:
-        created_ats: list[int] = []
-        returned = fresh_count = 0
-        query = session_filter(address, since, until, page_max)
-        async with contextlib.aclosing(connection.read_page(query)) as chunks:
+        async with contextlib.aclosing(connection.read_page(pager.query(address))) as chunks:
             async for chunk in chunks:
-                fresh = []
-                for obj in chunk:
-                    created_at, event_id = obj.get("created_at"), obj.get("id")
-                    if type(created_at) is int:
-                        created_ats.append(created_at)
-                    else:
-                        created_at = 0  # refused at the door; remembered till the end
-                    if isinstance(event_id, str) and event_id not in seen:
-                        seen[event_id] = created_at
-                        fresh.append(obj)
-                returned += len(chunk)
-                fresh_count += len(fresh)
-                if fresh:
+                if fresh := pager.take(chunk):
                     yield HistoryPage(tuple(fresh))
-        most_returned = max(most_returned, returned)
-        following = next_until(
-            created_ats,
-            until,
-            since,
-            returned=returned,
-            fresh=fresh_count,
-            most_returned=most_returned,
-        )
-        if following is not None and not fresh_count and returned >= page_max:
+        more = pager.answered()
+        if pager.overflowed:
             log.warning(
-                "%s returned a full page of %d events at second %s alone: events of that second "
-                "beyond the relay's page limit may be missed",
+                "%s returned a full page of %d events with nothing new down to second %s: "
+                "events of that second beyond the relay's page limit may be missed",
                 connection.url,
-                returned,
-                min(created_ats),
+                pager.last_returned,
+                pager.until,
             )
             yield HistoryPage((), overflowed=True)
-        if following is None:
+        if not more:
             return
-        until = following
-        # the next page holds nothing newer than `until`: forget what it cannot serve again
-        seen = {event_id: at for event_id, at in seen.items() if at <= until}
 
 
 class RelayPublisher:

@@ -277,12 +277,12 @@ class Ingest:
     async def run(self) -> None:
         """The worker: take what is queued (up to a batch) and verify it while the batch before
         is stored. Batches are stored, and checkpoints moved, one at a time in arrival order."""
-        storing: asyncio.Task[None] | None = None
+        storing: asyncio.Task[None] | None = None  # started, not yet awaited
         try:
             while True:
                 if storing is not None and self.queue.empty():
-                    await storing  # nothing to overlap with: a failure surfaces now
-                    storing = None
+                    pending, storing = storing, None
+                    await pending  # nothing to overlap with: a failure surfaces now
                 batch = [await self.queue.get()]
                 events = _events_in(batch[0])
                 while events < self.limits.batch_events_max and not self.queue.empty():
@@ -291,16 +291,24 @@ class Ingest:
                 try:
                     verdicts = await self.verify(batch)
                     if storing is not None:
-                        await storing
+                        pending, storing = storing, None
+                        await pending
                 except BaseException:
                     await self._release(batch, events)
                     raise
                 storing = asyncio.create_task(self._store_then_release(batch, verdicts, events))
+        except asyncio.CancelledError:
+            if storing is not None:
+                storing.cancel()  # stopping: what it stored is fetched again next time
+            raise
         finally:
-            if storing is not None and not storing.done():
-                storing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+            if storing is not None:  # leaving on an error of its own: let the store end
+                try:
                     await storing
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    log.exception("storing a batch failed as the ingest worker stopped")
 
     async def _store_then_release(
         self, batch: Sequence[QueueItem], verdicts: Sequence[NostrEvent | Refusal], events: int
@@ -311,11 +319,16 @@ class Ingest:
             await self._release(batch, events)
 
     async def _release(self, batch: Sequence[QueueItem], events: int) -> None:
-        async with self._room:
-            self.queued_events -= events
-            self._room.notify_all()
-        for _ in batch:
-            self.queue.task_done()
+        """Give the batch's room back, once, even if the caller is being cancelled."""
+
+        async def release() -> None:
+            async with self._room:
+                self.queued_events -= events
+                self._room.notify_all()
+            for _ in batch:
+                self.queue.task_done()
+
+        await asyncio.shield(release())
 
     async def _enqueue(self, item: QueueItem) -> None:
         """Queue an item, first waiting for room (an item larger than the bound goes alone)."""

@@ -243,3 +243,29 @@ async def test_a_store_failure_stops_the_worker_with_its_error(
         ingest.close()
         await checkpoints.close()
         await ledger.db.close()
+
+
+async def test_a_worker_stopped_mid_stream_keeps_the_queue_account_exact(
+    node_settings: Settings, address: Address
+) -> None:
+    """Cancelled while one batch is stored and the next verified, the worker gives back the
+    room of every batch it took, and only those: what is still queued is still counted."""
+    events = credits(CONTROLLER_SECRET, address, 2_000)
+    limits = IngestLimits(batch_events_max=100)
+    async with ingest_into_ledger(node_settings, address, limits) as (_, ingest):
+        for start in range(0, len(events), 100):
+            chunk = tuple(event.to_obj() for event in events[start : start + 100])
+            await ingest._enqueue(Incoming("ws://a", chunk))
+        three_stored = asyncio.Event()
+        ingest.on_appended = lambda: ingest.stats.appended >= 300 and three_stored.set()
+        worker = asyncio.create_task(ingest.run())
+        await asyncio.wait_for(three_stored.wait(), 30)
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+        await asyncio.sleep(0.05)  # a shielded release may finish after the worker
+        still_queued = 0
+        while not ingest.queue.empty():
+            still_queued += len(ingest.queue.get_nowait().objs)
+        assert 0 < still_queued < 2_000 - 300
+        assert ingest.queued_events == still_queued
