@@ -106,7 +106,7 @@ class HistoryPager:
     overflowed: bool = False  # the last answer ended at a second fuller than one answer
     last_returned: int = 0  # events in the asked window in the last answer
     _seen: dict[str, int] = field(factory=dict)  # id -> created_at (0 if malformed)
-    _created_ats: list[int] = field(factory=list)
+    _oldest: int | None = None  # the oldest well-formed `created_at` in the answer
     _returned: int = 0
     _fresh: int = 0
 
@@ -121,7 +121,8 @@ class HistoryPager:
             if type(created_at) is int:
                 if self.until is not None and created_at > self.until:
                     continue
-                self._created_ats.append(created_at)
+                if self._oldest is None or created_at < self._oldest:
+                    self._oldest = created_at
             else:
                 created_at = 0  # refused at the door; remembered till the end
             self._returned += 1
@@ -133,15 +134,14 @@ class HistoryPager:
 
     def answered(self) -> bool:
         """The answer is complete: move to the next query; False when the history is."""
-        returned, fresh, created_ats = self._returned, self._fresh, self._created_ats
+        returned, fresh, oldest = self._returned, self._fresh, self._oldest
         self._returned = self._fresh = 0
-        self._created_ats = []
+        self._oldest = None
         self.last_returned = returned
         self.most_returned = max(self.most_returned, returned)
         self.overflowed = False
-        if not created_ats:
+        if oldest is None:
             return False
-        oldest = min(created_ats)
         if fresh:
             following = oldest + 1 if self.until is None else min(oldest + 1, self.until)
         elif returned < self.most_returned:
