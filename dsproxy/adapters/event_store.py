@@ -11,6 +11,10 @@ committed together (group commit): one transaction and one fsync for many chats,
 savepoint of its own so that one write's failure leaves the others whole. Writes keep their order
 among themselves, but may be committed before a read or an append submitted ahead of them; each
 caller awaits its own call, so none relies on that order.
+
+The store remembers the records it committed last (`RecentRecords`): a projection that follows
+close behind the writer reads them from memory, with each Nostr event already parsed, instead of
+reading them back from SQLite and parsing them a second time.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import base64
 import sqlite3
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +50,7 @@ __all__ = [
     "AsyncEventStore",
     "EventStore",
     "NodeApplication",
+    "RecentRecords",
     "StoredRecord",
     "Write",
     "originator_id_for",
@@ -58,6 +63,8 @@ _SELECT_AFTER = (
     "WHERE rowid > ? ORDER BY rowid LIMIT ?"
 )
 WRITES_PER_COMMIT_MAX = 256
+RECENT_RECORDS_MAX = 8_192
+RECENT_BYTES_MAX = 16 * 1_048_576
 
 
 def originator_id_for(event_id: str) -> uuid.UUID:
@@ -81,6 +88,7 @@ class StoredRecord:
     topic: str
     state: bytes
     fact: DomainEventProtocol[uuid.UUID] | None = None
+    event: NostrEvent | None = None  # the parsed event, when the store still has it in memory
 
     @property
     def is_nostr(self) -> bool:
@@ -127,6 +135,47 @@ class NodeApplication(Application[uuid.UUID]):
         transcoder.register(BytesAsBase64())
 
 
+class RecentRecords:
+    """The records this store committed last, by position, within a count and a size.
+
+    Only what this store committed is here, so a position it did not write (another process
+    wrote it, or it is not written yet) is a miss and the caller reads SQLite: a run served
+    from memory ends at the first position missing, never skipping one.
+    """
+
+    def __init__(self, records_max: int = RECENT_RECORDS_MAX, bytes_max: int = RECENT_BYTES_MAX):
+        self._records_max, self._bytes_max = records_max, bytes_max
+        self._by_position: OrderedDict[int, StoredRecord | StoredEvent] = OrderedDict()
+        self._sizes: dict[int, int] = {}
+        self._bytes = 0
+
+    def add(self, position: int, record: StoredRecord | StoredEvent) -> None:
+        """Remember a committed record (a fact stays encoded until it is read)."""
+        size = len(record.state)
+        self._by_position[position] = record
+        self._sizes[position] = size
+        self._bytes += size
+        while self._by_position and (
+            len(self._by_position) > self._records_max or self._bytes > self._bytes_max
+        ):
+            oldest, _ = self._by_position.popitem(last=False)
+            self._bytes -= self._sizes.pop(oldest)
+
+    def run_after(self, after: int, limit: int) -> list[tuple[int, StoredRecord | StoredEvent]]:
+        """The remembered records at after+1, after+2, ..., up to `limit` or the first gap."""
+        run = []
+        position = after + 1
+        while len(run) < limit and (record := self._by_position.get(position)) is not None:
+            run.append((position, record))
+            position += 1
+        return run
+
+    def clear(self) -> None:
+        self._by_position.clear()
+        self._sizes.clear()
+        self._bytes = 0
+
+
 class EventStore:
     """Synchronous store; call it from one thread (see AsyncEventStore)."""
 
@@ -145,6 +194,7 @@ class EventStore:
         table = recorder.events_table_name
         self._insert_ignore = _INSERT_IGNORE.format(table=table)
         self._select_after = _SELECT_AFTER.format(table=table)
+        self.recent = RecentRecords()
 
     def append_nostr(self, events: Sequence[NostrEvent]) -> AppendOutcome:
         """Append verified events in one transaction; an event already stored is a no-op."""
@@ -181,40 +231,55 @@ class EventStore:
                 outcomes[index] = _write_error(write, exc)
             else:
                 prepared.append((index, write, facts))
+        written: list[tuple[int, StoredRecord | StoredEvent]] = []
         try:
             with self._recorder.datastore.transaction(commit=True) as cursor:
                 for index, write, facts in prepared:
                     cursor.execute("SAVEPOINT write")
+                    rows: list[tuple[int, StoredRecord | StoredEvent]] = []
                     try:
-                        outcomes[index] = self._write(cursor, write, facts)
+                        outcomes[index] = self._write(cursor, write, facts, rows)
                     except DuplicateEvent as exc:
                         cursor.execute("ROLLBACK TO write")
                         outcomes[index] = exc
                     except sqlite3.IntegrityError as exc:  # a fact of a concurrent change
                         cursor.execute("ROLLBACK TO write")
                         outcomes[index] = _write_error(write, exc, len(facts))
+                    else:
+                        written += rows
                     cursor.execute("RELEASE write")
         except PersistenceError as exc:  # the commit itself failed: none of them is recorded
             for index, write, facts in prepared:
                 outcomes[index] = _write_error(write, exc, len(facts))
+        else:
+            for position, record in written:
+                self.recent.add(position, record)
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _write(self, cursor: Any, write: Write, facts: list[StoredEvent]) -> AppendOutcome:
+    def _write(
+        self,
+        cursor: Any,
+        write: Write,
+        facts: list[StoredEvent],
+        rows: list[tuple[int, StoredRecord | StoredEvent]],
+    ) -> AppendOutcome:
+        """Insert one write's facts and events; `rows` gets what was inserted, by position."""
         appended: list[tuple[int, str]] = []
         duplicates: list[str] = []
         if facts:
             # first, so a projection paging through the log meets the facts that explain an
             # event (a debit's DebitIssued) no later than the event; the recorder's own insert,
             # inside our transaction (as its process recorder does with tracking records)
-            self._recorder._insert_events(cursor, facts)
+            positions = self._recorder._insert_events(cursor, facts) or ()
+            rows += zip(positions, facts, strict=True)
         for event in write.events:
-            cursor.execute(
-                self._insert_ignore,
-                # event.id[:32] is originator_id_for(event.id).hex, without the object
-                (event.id[:32], 1, NOSTR_TOPIC, orjson.dumps(event.to_obj())),
-            )
+            state = orjson.dumps(event.to_obj())
+            # event.id[:32] is originator_id_for(event.id).hex, without the object
+            cursor.execute(self._insert_ignore, (event.id[:32], 1, NOSTR_TOPIC, state))
             if cursor.sqlite_cursor.rowcount == 1:
-                appended.append((int(cursor.lastrowid), event.id))
+                position = int(cursor.lastrowid)
+                appended.append((position, event.id))
+                rows.append((position, StoredRecord(position, NOSTR_TOPIC, state, event=event)))
             elif write.new_only:
                 raise DuplicateEvent(f"event {event.id} is already stored")
             else:
@@ -230,7 +295,16 @@ class EventStore:
         return [recording.notification.id for recording in recordings]
 
     def read(self, after: int, limit: int) -> list[StoredRecord]:
-        """Up to `limit` records after position `after`, in store order, facts decoded."""
+        """Up to `limit` records after position `after`, in store order, facts decoded (fewer
+        when the records this store remembers end first: read on after them)."""
+        if remembered := self.recent.run_after(after, limit):
+            decode = self.application.mapper.to_domain_event
+            return [
+                record
+                if isinstance(record, StoredRecord)
+                else StoredRecord(position, record.topic, record.state, decode(record))
+                for position, record in remembered
+            ]
         try:
             with self._recorder.datastore.transaction(commit=False) as cursor:
                 cursor.sqlite_cursor.row_factory = None  # plain tuples: 3x cheaper than Row

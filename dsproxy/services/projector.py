@@ -109,16 +109,15 @@ def classify(records: Sequence[StoredRecord], content_bytes_max: int = 65_536) -
     for record in records:
         if record.topic != NOSTR_TOPIC:
             continue
-        event = orjson.loads(record.state)  # verified before it was stored
-        result = entry_from_parts(
-            event["id"],
-            event["pubkey"],
-            event["kind"],
-            event["tags"],
-            event["content"],
-            event["created_at"],
-            content_bytes_max,
-        )
+        event = record.event  # parsed already while the store still has it in memory
+        if event is not None:
+            fields = (event.id, event.pubkey, event.kind, event.tags, event.content)
+            created_at = event.created_at
+        else:
+            obj = orjson.loads(record.state)  # verified before it was stored
+            fields = (obj["id"], obj["pubkey"], obj["kind"], obj["tags"], obj["content"])
+            created_at = obj["created_at"]
+        result = entry_from_parts(*fields, created_at, content_bytes_max)
         if isinstance(result, Entry):
             entries.append((record.position, result))
         else:

@@ -8,8 +8,14 @@ import orjson
 import pytest
 from eventsourcing.domain import Aggregate, event
 
-from dsproxy.adapters.event_store import NOSTR_TOPIC, AsyncEventStore, EventStore
-from dsproxy.errors import StoreError
+from dsproxy.adapters.event_store import (
+    NOSTR_TOPIC,
+    AsyncEventStore,
+    EventStore,
+    RecentRecords,
+    StoredRecord,
+)
+from dsproxy.errors import DuplicateEvent, StoreError
 from dsproxy.wire.envelope import Address
 from tests.builders import credit, debit
 
@@ -197,3 +203,62 @@ async def test_a_write_whose_caller_gave_up_is_still_recorded(
     await store.record([credit(address, USER, 8)])  # committed after the abandoned one
     assert await store.contains(abandoned.id)
     await store.close()
+
+
+def _as_read(records: list[StoredRecord]) -> list[tuple[object, ...]]:
+    return [(r.position, r.topic, r.state, r.fact) for r in records]
+
+
+def test_records_remembered_in_memory_read_as_the_file_has_them(
+    tmp_path: Path, address: Address
+) -> None:
+    """What the store serves from memory equals what a fresh reader of the file sees, across
+    rolled-back writes, facts saved outside `record`, and rows another process wrote between."""
+    path = tmp_path / "events.sqlite"
+    store, other = EventStore(path), EventStore(path)
+    taken = credit(address, USER, 1)
+    store.record([taken, debit(address, USER, 1)], Payment(request_id="01" * 32))
+    other.append_nostr([credit(address, USER, 2)])  # a position this store did not write
+    store.append_nostr([taken, credit(address, USER, 3)])  # the duplicate takes no position
+    with pytest.raises(DuplicateEvent):
+        store.record([credit(address, USER, 4), taken], new_only=True)  # rolled back
+    other.append_nostr([credit(address, USER, 7)])  # the position the rolled-back one had
+    payment = Payment(request_id="02" * 32)
+    store.record([], payment)
+    stale = store.application.repository.get(payment.id)
+    payment.confirm()
+    store.save(payment)  # not through `record`: read back from the file
+    stale.confirm()
+    with pytest.raises(StoreError):
+        store.record([credit(address, USER, 5)], stale)  # a conflict: rolled back
+    store.append_nostr([credit(address, USER, 6), debit(address, USER, 2)])
+    fresh = EventStore(path)
+
+    everything = fresh.read(0, 100)
+    assert len(everything) == 10
+    one_by_one = [record for after in range(10) for record in store.read(after, 1)]
+    assert _as_read(one_by_one) == _as_read(everything)
+    remembered = [record for record in one_by_one if record.event is not None]
+    assert len(remembered) == 5  # every event this store appended came from memory
+    for record in remembered:
+        assert record.state == record.event.to_json().encode()
+    for page_size in (1, 2, 3, 100):
+        assert _as_read(list(store.scan(page_size=page_size))) == _as_read(everything)
+    for after in range(11):
+        page = store.read(after, 3)
+        assert page or not fresh.read(after, 3)
+        assert _as_read(page) == _as_read(fresh.read(after, len(page)))
+    for each in (store, other, fresh):
+        each.close()
+
+
+def test_recent_records_keep_to_their_count_and_size() -> None:
+    recent = RecentRecords(records_max=3, bytes_max=10)
+    for position in range(1, 6):
+        recent.add(position, StoredRecord(position, NOSTR_TOPIC, b"abc"))
+    assert [position for position, _ in recent.run_after(0, 10)] == []
+    assert [position for position, _ in recent.run_after(2, 10)] == [3, 4, 5]
+    assert [position for position, _ in recent.run_after(3, 1)] == [4]
+    recent.add(6, StoredRecord(6, NOSTR_TOPIC, b"0123456789"))  # alone fills the size
+    assert [position for position, _ in recent.run_after(5, 10)] == [6]
+    assert recent.run_after(4, 10) == []
