@@ -18,6 +18,7 @@ from dsproxy.adapters.solana_keys import load_keypair
 from dsproxy.adapters.solana_rpc import BalancePaymentRpc
 from dsproxy.bootstrap import open_ledger, program_from_settings
 from dsproxy.config import Settings
+from dsproxy.entrypoints.event_loop import run_service
 from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.errors import ConfigError
 from dsproxy.handlers.recharge import build_recharge_handler
@@ -43,7 +44,7 @@ def add_commands(subparsers: Any) -> None:
 def run_controller(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "status":
         return asyncio.run(_status(settings, args.limit, args.json))
-    return asyncio.run(_serve(settings))
+    return run_service(_serve(settings))
 
 
 async def _status(settings: Settings, limit: int, as_json: bool) -> int:

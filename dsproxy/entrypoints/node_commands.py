@@ -12,6 +12,7 @@ from typing import Any
 
 from dsproxy.adapters.node_keys import create_key_file
 from dsproxy.config import Settings
+from dsproxy.entrypoints.event_loop import run_service
 from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.services.node import Node
 from dsproxy.services.outbox import list_outbox
@@ -41,7 +42,7 @@ def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_node(args: argparse.Namespace, settings: Settings) -> int:
-    return asyncio.run(_node(settings))
+    return run_service(_node(settings))
 
 
 async def _node(settings: Settings) -> int:

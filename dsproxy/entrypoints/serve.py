@@ -26,6 +26,7 @@ from starlette.types import ASGIApp
 
 from dsproxy.config import Settings
 from dsproxy.entrypoints import http_accounts, http_dapp, http_openai
+from dsproxy.entrypoints.event_loop import run_service
 from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.entrypoints.http_api import (
     Backend,
@@ -161,23 +162,11 @@ async def _stop_when(stop: asyncio.Event, server: uvicorn.Server) -> None:
     server.should_exit = True
 
 
-def _run(coroutine: Any) -> None:
-    """asyncio.run, on uvloop when it is installed."""
-    try:
-        import uvloop
-
-        loop_factory: Any = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(coroutine)
-
-
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     changes = {"http_host": args.host, "http_port": args.port}
     settings = settings.replace(**{k: v for k, v in changes.items() if v is not None})
     with contextlib.suppress(KeyboardInterrupt):
-        _run(serve(settings))
+        run_service(serve(settings))
     return 0
 
 
