@@ -51,6 +51,7 @@ MACHINE = public_key_of("3a" * 32)
 ADDRESS = Address("dephy-dsproxy-controller", MACHINE)
 PUBLISHERS = 8  # parallel connections used to fill the relay
 WAIT_S_MAX = 300.0
+SAMPLE_S_MAX = 30.0
 
 
 def node_settings(data_dir: Path, relay: str, **changes: object) -> Settings:
@@ -199,6 +200,8 @@ async def node_round_trip_ms(url: str, samples: int, key_file: Path, already: in
                     fired = b.ledger.projector.applied.next()  # before the check: no lost wake
                     if (await balance_of(b, user)) == expected:
                         break
+                    if time.perf_counter() - started > SAMPLE_S_MAX:
+                        raise TimeoutError(f"node B did not show credit {index} in time")
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(fired.wait(), 1.0)
                 latencies.append((time.perf_counter() - started) * 1000)
@@ -262,9 +265,10 @@ async def main() -> None:
                 )
             events = credits(CONTROLLER_SECRET, ADDRESS, args.events, per_second=200)
             memory, read_back = [], []
-            for _ in range(args.pairs):
-                read_back.append(await catch_up_s(events, from_memory=False))
-                memory.append(await catch_up_s(events, from_memory=True))
+            for pair in range(args.pairs):  # each goes first in every other pair
+                for from_memory in (pair % 2 == 0, pair % 2 == 1):
+                    times = memory if from_memory else read_back
+                    times.append(await catch_up_s(events, from_memory=from_memory))
             print(
                 f"projector catch-up of {args.events} just-appended events: read back from SQLite "
                 f"{statistics.median(read_back) * 1000:.1f} ms, from the store's memory "
@@ -287,6 +291,10 @@ async def main() -> None:
             print(
                 f"latency ratio node/bare: p50 {p50:.2f}, p99 {p99:.2f} (goal: node p99 < 100 ms)"
             )
+        except BaseException:
+            log = relay.log.read_text(errors="replace").splitlines()[-20:]
+            print("the relay's log ends with:", *log, sep="\n", file=sys.stderr)
+            raise
         finally:
             relay.stop()
 

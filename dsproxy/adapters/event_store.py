@@ -151,7 +151,11 @@ class RecentRecords:
 
     def add(self, position: int, record: StoredRecord | StoredEvent) -> None:
         """Remember a committed record (a fact stays encoded until it is read)."""
-        size = len(record.state)
+        # a parsed event holds its text twice more (fields, tags), with the objects around it
+        parsed = isinstance(record, StoredRecord) and record.event is not None
+        size = len(record.state) * (3 if parsed else 1)
+        self._bytes -= self._sizes.pop(position, 0)
+        self._by_position.pop(position, None)
         self._by_position[position] = record
         self._sizes[position] = size
         self._bytes += size
@@ -292,19 +296,27 @@ class EventStore:
             recordings = self.application.save(*aggregates)
         except PersistenceError as exc:
             raise StoreError(f"could not save facts: {exc}") from exc
+        for recording in recordings:  # a Notification is the StoredEvent with its position
+            self.recent.add(recording.notification.id, recording.notification)
         return [recording.notification.id for recording in recordings]
 
     def read(self, after: int, limit: int) -> list[StoredRecord]:
-        """Up to `limit` records after position `after`, in store order, facts decoded (fewer
-        when the records this store remembers end first: read on after them)."""
-        if remembered := self.recent.run_after(after, limit):
-            decode = self.application.mapper.to_domain_event
-            return [
-                record
-                if isinstance(record, StoredRecord)
-                else StoredRecord(position, record.topic, record.state, decode(record))
-                for position, record in remembered
-            ]
+        """Up to `limit` records after position `after`, in store order, facts decoded: what
+        this store still remembers from memory, the rest from SQLite."""
+        decode = self.application.mapper.to_domain_event
+        records = [
+            record
+            if isinstance(record, StoredRecord)
+            else StoredRecord(position, record.topic, record.state, decode(record))
+            for position, record in self.recent.run_after(after, limit)
+        ]
+        if len(records) < limit:
+            records += self._select(
+                records[-1].position if records else after, limit - len(records)
+            )
+        return records
+
+    def _select(self, after: int, limit: int) -> list[StoredRecord]:
         try:
             with self._recorder.datastore.transaction(commit=False) as cursor:
                 cursor.sqlite_cursor.row_factory = None  # plain tuples: 3x cheaper than Row
