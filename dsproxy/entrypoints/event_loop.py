@@ -16,7 +16,7 @@ def run_service(coroutine: Coroutine[Any, Any, T]) -> T:
     timers in C cost a service a tenth of its CPU less than asyncio's own loop."""
     try:
         import uvloop
-    except ImportError:  # Windows: asyncio's own loop
+    except ImportError:  # where it does not build (Windows, PyPy): asyncio's own loop
         return asyncio.run(coroutine)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coroutine)
