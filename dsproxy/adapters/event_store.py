@@ -145,38 +145,35 @@ class RecentRecords:
 
     def __init__(self, records_max: int = RECENT_RECORDS_MAX, bytes_max: int = RECENT_BYTES_MAX):
         self._records_max, self._bytes_max = records_max, bytes_max
-        self._by_position: OrderedDict[int, StoredRecord | StoredEvent] = OrderedDict()
-        self._sizes: dict[int, int] = {}
-        self._bytes = 0
+        self._by_position: OrderedDict[int, tuple[StoredRecord | StoredEvent, int]] = OrderedDict()
+        self._bytes = 0  # the sum of the sizes kept beside the records
 
     def add(self, position: int, record: StoredRecord | StoredEvent) -> None:
         """Remember a committed record (a fact stays encoded until it is read)."""
         # a parsed event holds its text twice more (fields, tags), with the objects around it
         parsed = isinstance(record, StoredRecord) and record.event is not None
         size = len(record.state) * (3 if parsed else 1)
-        self._bytes -= self._sizes.pop(position, 0)
-        self._by_position.pop(position, None)
-        self._by_position[position] = record
-        self._sizes[position] = size
+        if (replaced := self._by_position.pop(position, None)) is not None:
+            self._bytes -= replaced[1]
+        self._by_position[position] = (record, size)
         self._bytes += size
         while self._by_position and (
             len(self._by_position) > self._records_max or self._bytes > self._bytes_max
         ):
-            oldest, _ = self._by_position.popitem(last=False)
-            self._bytes -= self._sizes.pop(oldest)
+            _, (_, oldest_size) = self._by_position.popitem(last=False)
+            self._bytes -= oldest_size
 
     def run_after(self, after: int, limit: int) -> list[tuple[int, StoredRecord | StoredEvent]]:
         """The remembered records at after+1, after+2, ..., up to `limit` or the first gap."""
         run = []
         position = after + 1
-        while len(run) < limit and (record := self._by_position.get(position)) is not None:
-            run.append((position, record))
+        while len(run) < limit and (kept := self._by_position.get(position)) is not None:
+            run.append((position, kept[0]))
             position += 1
         return run
 
     def clear(self) -> None:
         self._by_position.clear()
-        self._sizes.clear()
         self._bytes = 0
 
 
