@@ -62,6 +62,7 @@ _SELECT_AFTER = (
     "SELECT rowid, topic, state, originator_id, originator_version FROM {table} "
     "WHERE rowid > ? ORDER BY rowid LIMIT ?"
 )
+_SELECT_STORED = "SELECT 1 FROM {table} WHERE originator_id = ? AND originator_version = 1"
 WRITES_PER_COMMIT_MAX = 256
 RECENT_RECORDS_MAX = 8_192
 RECENT_BYTES_MAX = 16 * 1_048_576
@@ -195,6 +196,7 @@ class EventStore:
         table = recorder.events_table_name
         self._insert_ignore = _INSERT_IGNORE.format(table=table)
         self._select_after = _SELECT_AFTER.format(table=table)
+        self._select_stored = _SELECT_STORED.format(table=table)
         self.recent = RecentRecords()
 
     def append_nostr(self, events: Sequence[NostrEvent]) -> AppendOutcome:
@@ -245,7 +247,7 @@ class EventStore:
                         outcomes[index] = exc
                     except sqlite3.IntegrityError as exc:  # a fact of a concurrent change
                         cursor.execute("ROLLBACK TO write")
-                        outcomes[index] = _write_error(write, exc, len(facts))
+                        outcomes[index] = self._conflict(cursor, write, exc, len(facts))
                     else:
                         written += rows
                     cursor.execute("RELEASE write")
@@ -286,6 +288,19 @@ class EventStore:
             else:
                 duplicates.append(event.id)
         return AppendOutcome(tuple(appended), tuple(duplicates))
+
+    def _conflict(
+        self, cursor: Any, write: Write, cause: sqlite3.IntegrityError, facts: int
+    ) -> StoreError:
+        """A fact collided. With `new_only`, a fact whose id derives from its event's (a debit's
+        DebitIssued) collides before the event does: if an event is stored already, that is
+        the DuplicateEvent the caller asked to hear about, not a failure."""
+        if write.new_only:
+            for event in write.events:
+                cursor.execute(self._select_stored, (event.id[:32],))
+                if cursor.fetchone() is not None:
+                    return DuplicateEvent(f"event {event.id} is already stored")
+        return _write_error(write, cause, facts)
 
     def save(self, *aggregates: Aggregate) -> list[int]:
         """Save local facts (aggregate events); returns their positions in the log."""

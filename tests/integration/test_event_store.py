@@ -15,6 +15,7 @@ from dsproxy.adapters.event_store import (
     RecentRecords,
     StoredRecord,
 )
+from dsproxy.domain.chat_facts import DebitIssued
 from dsproxy.errors import DuplicateEvent, StoreError
 from dsproxy.wire.envelope import Address
 from tests.builders import credit, debit
@@ -203,6 +204,29 @@ async def test_a_write_whose_caller_gave_up_is_still_recorded(
     await store.record([credit(address, USER, 8)])  # committed after the abandoned one
     assert await store.contains(abandoned.id)
     await store.close()
+
+
+def test_a_debit_signed_again_is_a_duplicate_event_though_its_fact_collides_first(
+    tmp_path: Path, address: Address
+) -> None:
+    """A debit's fact takes its id from the event's, and facts are inserted first: recording
+    the same signed debit again must still say DuplicateEvent (the issuer then tries another
+    second), not fail as a conflict; an unrelated conflict stays a StoreError."""
+    store = EventStore(tmp_path / "events.sqlite")
+    event = debit(address, USER, 5)
+    store.record([event], DebitIssued.issue(USER, 5, event.id, event.to_json(), ["c1"]))
+    with pytest.raises(DuplicateEvent):
+        store.record(
+            [event], DebitIssued.issue(USER, 5, event.id, event.to_json(), ["c2"]), new_only=True
+        )
+    other = debit(address, USER, 6)
+    with pytest.raises(StoreError) as raised:  # the fact of `event` again, with a new event
+        store.record(
+            [other], DebitIssued.issue(USER, 5, event.id, event.to_json(), ["c3"]), new_only=True
+        )
+    assert not isinstance(raised.value, DuplicateEvent)
+    assert not store.contains(other.id)
+    store.close()
 
 
 def _as_read(records: list[StoredRecord]) -> list[tuple[object, ...]]:
