@@ -229,10 +229,11 @@ async def open_backend(settings: Settings) -> Backend:
     pubkey = public_key_of(secret_hex)
     api_key = upstream_api_key(settings)
     if pubkey not in settings.trusted_backends:
-        log.warning(
-            "this backend's key %s is not in DSPROXY_TRUSTED_BACKENDS: its debits will not "
-            "lower balances anywhere (add it)",
-            pubkey,
+        # its debits would be folded as untrusted: no balance would ever drop, and users would
+        # chat for free
+        raise ConfigError(
+            f"this backend's key {pubkey} is not in DSPROXY_TRUSTED_BACKENDS: its debits would "
+            "lower no balance; add it"
         )
     node = await Node.open(settings)
     accounts = await AccountsDb.open(settings.data_dir / "backend.sqlite")

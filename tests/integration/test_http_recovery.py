@@ -13,7 +13,7 @@ from dsproxy.config import Settings, load_settings
 from dsproxy.domain.chat_facts import DebitIssued, HoldOutcome
 from dsproxy.domain.metering import Usage
 from dsproxy.entrypoints.http_api import close_backend, open_backend
-from dsproxy.errors import StoreError
+from dsproxy.errors import ConfigError, StoreError
 from dsproxy.services.projector import Projector, open_projection
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.messages import Transaction
@@ -138,3 +138,13 @@ async def test_every_issued_charge_is_settled_whatever_the_projector_page_size(
             await db.close()
     finally:
         await close_backend(backend)
+
+
+async def test_a_backend_whose_own_key_is_not_trusted_refuses_to_start(
+    node_env: dict[str, str],
+) -> None:
+    """Its debits would be folded as untrusted: no balance would ever drop."""
+    settings = settings_for(node_env).replace(trusted_backends=())
+    with pytest.raises(ConfigError, match="not in DSPROXY_TRUSTED_BACKENDS"):
+        await open_backend(settings)
+    assert not (settings.data_dir / "backend.sqlite").exists()  # nothing opened
