@@ -299,6 +299,9 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(data), status, headers, media_type="application/json")
 
 
+JSON_WRITABLE_DEPTH = 254
+
+
 async def read_json(request: Request, bytes_max: int) -> Any:
     """The body as JSON, refusing more than `bytes_max` bytes before reading them all."""
     declared = request.headers.get("content-length")
@@ -315,10 +318,19 @@ async def read_json(request: Request, bytes_max: int) -> Any:
                 f"the body is over {bytes_max} bytes", param="body", code="request_too_large"
             )
         chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        return orjson.loads(b"".join(chunks))
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidParameter("the body is not valid JSON", param="body") from None
+    # orjson reads 1024 levels of nesting but writes only 254: refuse now what could not be
+    # passed on to the upstream (counting brackets first keeps the common case free)
+    if raw.count(b"[") + raw.count(b"{") > JSON_WRITABLE_DEPTH:
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            raise InvalidParameter("the body is nested too deeply", param="body") from None
+    return value
 
 
 async def authenticate(request: Request, backend: Backend, *, session_only: bool = False) -> str:

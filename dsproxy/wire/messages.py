@@ -152,11 +152,13 @@ def _loads(text: Any, where: str) -> Any:
         raise _fail(where, f"must be a JSON string, got {type(text).__name__}")
     # Fast path: text that orjson writes back unchanged is compact JSON with no duplicate
     # keys and no NaN, which is all our peers produce. Anything else takes the strict path.
+    # orjson reads 1024 levels of nesting but writes only 254: anyone can sign content in
+    # between, and it must be refused here, never crash whoever folds the log.
     try:
         value = orjson.loads(text)
         if orjson.dumps(value) == text.encode():
             return value
-    except (orjson.JSONDecodeError, UnicodeEncodeError):
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError, UnicodeEncodeError):
         pass
     try:
         return json.loads(
@@ -164,6 +166,8 @@ def _loads(text: Any, where: str) -> Any:
         )
     except json.JSONDecodeError as exc:
         raise _fail(where, f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except RecursionError:
+        raise _fail(where, "nested too deeply") from None
     except MalformedMessage as exc:
         raise _fail(where, str(exc)) from None
 

@@ -39,6 +39,13 @@ WALLET = USER_KEYS[0]
 USER = str(WALLET.pubkey())
 
 
+def _deep(depth: int) -> list[Any]:
+    nested: list[Any] = []
+    for _ in range(depth):
+        nested = [nested]
+    return nested
+
+
 def messages(content: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
@@ -283,6 +290,11 @@ async def test_a_client_disconnect_charges_only_what_was_delivered(
         ),
         ({"model": "deepseek-chat", "messages": messages("hi"), "stream": "yes"}, 400, "stream"),
         ([1, 2], 400, "body"),
+        (  # orjson reads this nesting but could not write it on to the upstream
+            {"model": "deepseek-chat", "messages": messages("hi"), "tools": _deep(300)},
+            400,
+            "body",
+        ),
     ],
 )
 async def test_bad_input_is_an_openai_error_and_changes_nothing(

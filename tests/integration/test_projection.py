@@ -153,3 +153,23 @@ async def test_two_processes_projecting_one_directory_count_each_event_once(
         assert (row.balance, row.entries) == (90, 90)
     await first.aclose()
     await second.aclose()
+
+
+async def test_content_nested_too_deep_to_write_back_is_ignored_and_folding_goes_on(
+    node_settings: Settings, address: Address
+) -> None:
+    """orjson reads it (the door lets it in) but cannot write it back: it once stopped the
+    projector at that position for good, freezing every balance."""
+    tags = [["s", address.session], ["p", address.machine]]
+    poison = sign_event(STRANGER_SECRET, 1573, tags, "[" * 300 + "]" * 300, 1_767_225_700)
+    node = await open_ledger(node_settings)
+    try:
+        await node.store.append_nostr([poison, credit(address, ALICE, 40)])
+        await node.projector.catch_up()
+        assert [row.balance for row in await node.db.accounts()] == [40]
+        ignored = await node.db.ignored()
+        assert [(event_id, "malformed" in reason) for _, event_id, reason in ignored] == [
+            (poison.id, True)
+        ]
+    finally:
+        await node.aclose()

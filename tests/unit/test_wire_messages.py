@@ -147,6 +147,10 @@ BAD_INPUTS = [
     (request(recover_payload=[1] * 65), "exactly 64 bytes, got 65"),
     (request(recover_signature=[256] + [0] * 63), "recover_info.signature[0]: 256 is outside"),
     (request(recover_deadline="soon"), "recover_info.deadline: must be an integer"),
+    # nesting orjson reads (up to 1024 levels) but cannot write back (over 254)
+    ("[" * 300 + "]" * 300, "exactly one variant"),
+    ('{"Transaction": ' + "[" * 300 + "]" * 300 + "}", "Transaction: must be a JSON object"),
+    (request(payload="[" * 300 + "]" * 300), "payload: must be a JSON object"),
 ]
 
 
@@ -155,6 +159,15 @@ def test_bad_input_is_refused_with_a_clear_reason(content: str, expected: str) -
     with pytest.raises(MalformedMessage) as caught:
         parse_message(content)
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize("depth", [255, 600, 1000, 1023])
+def test_content_nested_as_deep_as_orjson_reads_is_refused_not_a_crash(depth: int) -> None:
+    """Anyone can sign such content (the door's JSON check passes it); folding it must say
+    why it is malformed, whatever the interpreter's recursion limit."""
+    for content in ("[" * depth + "]" * depth, '{"Transaction":' + "[" * depth + "]" * depth + "}"):
+        with pytest.raises(MalformedMessage):
+            parse_message(content)
 
 
 def test_status_payload_can_be_a_failure_text() -> None:
