@@ -244,6 +244,10 @@ class AuthenticationFailed(DsproxyError):
     """No credential, or a wrong, expired, replayed or revoked one."""
 
 
+class ClientGone(DsproxyError):
+    """The client closed its connection before its answer: nothing is charged for it."""
+
+
 class NotFound(DsproxyError):
     """The resource does not exist for this user (another user's is reported the same way)."""
 

@@ -12,6 +12,8 @@ Test directives, written anywhere in the last message, change its behaviour:
     [[pause:N]]      stream N words, then wait `pause_s` before going on (a slow model)
     [[omit-usage]]   never report usage
     [[think:MS]]     wait MS milliseconds before answering (a real model's time to first token)
+    [[reason:N]]     think aloud first: N words of `reasoning_content` (counted in usage, as
+                     deepseek-reasoner's are); `cut` and `pause` count answer words only
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ __all__ = ["DEMO_MODELS", "DemoModel", "main"]
 DEMO_MODELS = ("deepseek-chat", "deepseek-reasoner")
 _TEXT = "this is the dsproxy demo model speaking in canned words so that charges are easy to check"
 _WORDS = _TEXT.split(" ")
-_DIRECTIVE = re.compile(r"\[\[(words|fail|cut|pause|omit-usage|think)(?::(\d+))?\]\]")
+_DIRECTIVE = re.compile(r"\[\[(words|fail|cut|pause|omit-usage|think|reason)(?::(\d+))?\]\]")
 
 
 class _CutConnection(Exception):
@@ -121,8 +123,9 @@ class DemoModel:
             return _error(directives["fail"], "demo model: failing as asked")
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 4096
         deltas, finish_reason = self._reply(directives.get("words", 12), int(max_tokens))
+        reasoning = [f"r{index} " for index in range(directives.get("reason", 0))]
         prompt_tokens = self.tokenizer.count_prompt(messages, body.get("tools"))
-        completion = self.tokenizer.count("".join(deltas))
+        completion = self.tokenizer.count("".join(reasoning) + "".join(deltas))
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
@@ -134,6 +137,8 @@ class DemoModel:
         head["model"] = model
         if not body.get("stream"):
             message = {"role": "assistant", "content": "".join(deltas)}
+            if reasoning:
+                message["reasoning_content"] = "".join(reasoning)
             answer = {**head, "object": "chat.completion", "choices": []}
             answer["choices"] = [{"index": 0, "message": message, "finish_reason": finish_reason}]
             if usage:
@@ -141,12 +146,15 @@ class DemoModel:
             return JSONResponse(answer)
         stream_options = body.get("stream_options") or {}
         include_usage = bool(usage) and bool(stream_options.get("include_usage"))
-        chunks = self._stream(head, deltas, finish_reason, usage if include_usage else None)
+        chunks = self._stream(
+            head, reasoning, deltas, finish_reason, usage if include_usage else None
+        )
         return StreamingResponse(self._directed(chunks, directives), media_type="text/event-stream")
 
     async def _stream(
         self,
         head: dict[str, Any],
+        reasoning: list[str],
         deltas: list[str],
         finish_reason: str,
         usage: dict[str, int] | None,
@@ -159,6 +167,9 @@ class DemoModel:
 
         role = {"role": "assistant", "content": ""}
         yield False, event([{"index": 0, "delta": role, "finish_reason": None}])
+        for thought in reasoning:
+            thinking = {"reasoning_content": thought}
+            yield False, event([{"index": 0, "delta": thinking, "finish_reason": None}])
         for delta in deltas:
             content = {"content": delta}
             yield True, event([{"index": 0, "delta": content, "finish_reason": None}])

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from attrs import define
@@ -30,6 +30,7 @@ from dsproxy.domain.metering import ModelCatalog, Usage, parse_model_numbers, pa
 from dsproxy.errors import (
     AuthenticationFailed,
     BadInput,
+    ClientGone,
     ConfigError,
     ContextTooLong,
     DsproxyError,
@@ -67,6 +68,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _ROUTES_COUNTED = frozenset(
     {
@@ -373,6 +376,7 @@ def _classify(exc: DsproxyError) -> tuple[int, str, str | None, str | None]:
         (AuthenticationFailed, 401, "authentication_error", "invalid_api_key"),
         (InsufficientTokens, 402, "insufficient_quota", "insufficient_balance"),
         (NotFound, 404, "invalid_request_error", "not_found"),
+        (ClientGone, 499, "invalid_request_error", "client_closed_request"),  # nobody reads it
         (RateLimited, 429, "rate_limit_error", "rate_limit_exceeded"),
         (UpstreamRejected, 400, "invalid_request_error", "upstream_rejected"),
         (UpstreamUnauthorized, 502, "upstream_error", "upstream_unauthorized"),
@@ -388,11 +392,18 @@ def _classify(exc: DsproxyError) -> tuple[int, str, str | None, str | None]:
     return 500, "server_error", None, None
 
 
-def error_body(exc: DsproxyError) -> tuple[int, dict[str, Any]]:
+def error_body(exc: DsproxyError, tokens_charged: int = 0) -> tuple[int, dict[str, Any]]:
+    """The OpenAI-shaped error; `tokens_charged` is what a stream that broke charged for the
+    part it delivered."""
     status, type_, code, param = _classify(exc)
     message = str(exc)
     if isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamRejected):
-        message += " (a problem of this service or its model provider: nothing was charged)"
+        charged = (
+            f"only the {tokens_charged} tokens of what was delivered were charged"
+            if tokens_charged
+            else "nothing was charged"
+        )
+        message += f" (a problem of this service or its model provider: {charged})"
     return status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -420,15 +431,20 @@ class StreamRender(Protocol):
     async def aborted(self, charge: Charge) -> None: ...
 
 
-async def _until_disconnect(work: Coroutine[Any, Any, None], receive: Receive) -> None:
+async def _disconnected(receive: Receive, gone: asyncio.Event) -> None:
+    """Return, with `gone` set, once the client has closed its connection (the request's body
+    must have been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+async def _until_disconnect(
+    work: Coroutine[Any, Any, None], receive: Receive, gone: asyncio.Event
+) -> None:
     """Run `work`; cancel it if the client goes away first."""
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
     pump = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(_disconnected(receive, gone))
     try:
         await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -438,6 +454,24 @@ async def _until_disconnect(work: Coroutine[Any, Any, None], receive: Receive) -
         failure = results[0]
         if isinstance(failure, Exception) and not isinstance(failure, OSError):
             log.error("a metered stream failed: %r", failure)
+
+
+async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
+    """Await `work` (a non-streamed chat); if the client goes away first, cancel it and raise
+    ClientGone: its hold is released, since nobody will read the answer.
+
+    Starlette does not cancel a handler whose client left, and the answer would be charged."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive, asyncio.Event()))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        task.cancel()  # a no-op once it is done
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone("the client closed the connection before the answer")
+    return task.result()
 
 
 class MeteredStreamResponse:
@@ -456,6 +490,7 @@ class MeteredStreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ended = False
+        gone = asyncio.Event()
 
         async def pump() -> None:
             nonlocal ended
@@ -463,8 +498,15 @@ class MeteredStreamResponse:
             try:
                 async for chunk in self.stream.chunks():
                     data = self.render.chunk(chunk)
-                    if data:
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    if not data:  # nothing of it goes to the client: not delivered
+                        self.stream.skipped(chunk)
+                        continue
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    # uvicorn's send returns silently once the client is gone, and chunks the
+                    # upstream already sent never suspend us: let the watcher speak first
+                    await asyncio.sleep(0)
+                    if gone.is_set():
+                        return
                     self.stream.delivered(chunk)
             except UpstreamError as exc:
                 error = exc
@@ -477,7 +519,7 @@ class MeteredStreamResponse:
             headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
             headers += [(k.encode(), v.encode()) for k, v in self.headers.items()]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await _until_disconnect(pump(), receive)
+            await _until_disconnect(pump(), receive, gone)
         finally:
             try:
                 charge = await asyncio.shield(self.stream.finish())

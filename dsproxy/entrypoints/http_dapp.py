@@ -12,6 +12,7 @@ context window; if even the new message does not fit, the request fails (nothing
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -89,7 +90,7 @@ class DappStreamRender:
     async def end(self, charge: Charge, error: UpstreamError | None) -> bytes:
         row = await self._store(charge)
         if error is not None:
-            _, body = error_body(error)
+            _, body = error_body(error, charge.tokens_charged)
             return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
         message = {**_message_json(row), "balance": charge.balance}
         return b"event: done\ndata: " + orjson.dumps(message) + b"\n\n"
@@ -169,7 +170,11 @@ def routes(backend: Backend) -> list[Route]:
 
         async def work(ticket: UserTicket) -> MeteredStreamResponse:
             stream = await backend.chats.stream(user, chat)
-            await backend.accounts.add_message(conversation.id, "user", content, 0, now_s())
+            try:
+                await backend.accounts.add_message(conversation.id, "user", content, 0, now_s())
+            except BaseException:  # nothing delivered: the hold is released, the upstream closed
+                await asyncio.shield(stream.finish())
+                raise
             render = DappStreamRender(backend, conversation.id)
             return MeteredStreamResponse(stream, render, ticket)
 

@@ -19,6 +19,7 @@ from dsproxy.entrypoints.http_api import (
     json_response,
     read_json,
     run_admitted,
+    unless_disconnected,
 )
 from dsproxy.errors import UpstreamError
 from dsproxy.handlers.chat import Charge, ChatRequest, ChatStream, UserTicket
@@ -41,7 +42,7 @@ class OpenAIStreamRender:
 
     async def end(self, charge: Charge, error: UpstreamError | None) -> bytes:
         if error is not None:
-            _, body = error_body(error)
+            _, body = error_body(error, charge.tokens_charged)
             return b"data: " + orjson.dumps(body) + b"\n\n"
         tail = b""
         if self.request.include_usage:
@@ -83,7 +84,9 @@ def routes(backend: Backend) -> list[Route]:
                 stream = await backend.chats.stream(user, chat)
                 held = {"x-dsproxy-tokens-held": str(stream.hold.tokens)}
                 return MeteredStreamResponse(stream, OpenAIStreamRender(chat, stream), ticket, held)
-            answer, charge = await backend.chats.complete(user, chat)
+            answer, charge = await unless_disconnected(
+                backend.chats.complete(user, chat), request.receive
+            )
             answer["dsproxy"] = _charge_json(charge)
             return json_response(answer, headers=charge_headers(charge))
 

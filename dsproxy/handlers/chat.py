@@ -572,6 +572,11 @@ class ChatStream:
         self._pending -= 1
         self._texts.extend(_choice_texts(chunk.data.get("choices"), "delta"))
 
+    def skipped(self, chunk: StreamChunk) -> None:
+        """The route sends nothing of this chunk (the dApp shows no reasoning): if the stream is
+        cut, its text is not charged; if it ends, the upstream's usage is."""
+        self._pending -= 1
+
     def finish(self) -> asyncio.Task[Charge]:
         """Settle once (idempotent); await it shielded, it must survive a disconnect."""
         if self._finish is None:

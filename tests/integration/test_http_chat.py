@@ -5,6 +5,7 @@ exact charges, every failure mode, bad input and limits."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,9 +16,12 @@ import pytest
 
 from dsproxy.adapters.tokenizer import Tokenizer
 from dsproxy.config import Settings, load_settings
+from dsproxy.entrypoints.http_api import close_backend, open_backend
+from dsproxy.entrypoints.serve import build_app
 from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     USER_KEYS,
     WAIT_S_MAX,
+    append_credit,
     backend_env,
     backend_in_thread,
     backend_settings,
@@ -31,6 +35,7 @@ from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     eventually,
     funded,
     issued_debits,
+    login,
     read_debits,
     tokenizer,
 )
@@ -217,11 +222,12 @@ async def test_a_stream_cut_by_the_upstream_charges_only_what_was_delivered(
         model="deepseek-chat", messages=messages("hi [[cut:3]]"), stream=True
     )
     received: list[str] = []
-    with pytest.raises(openai.APIError):
+    with pytest.raises(openai.APIError) as raised:
         async for chunk in stream:
             received.extend(choice.delta.content or "" for choice in chunk.choices)
     assert "".join(received) == "this is the"
     charged = expected_charge(tokenizer, "hi [[cut:3]]", "this is the")
+    assert f"only the {charged} tokens of what was delivered were charged" in raised.value.message
     assert await balance(client, token) == {
         "user": USER,
         "balance": 1_000 - charged,
@@ -273,6 +279,95 @@ async def test_a_client_disconnect_charges_only_what_was_delivered(
 
     await eventually(settled, "the disconnected chat to settle")
     assert (await balance(client, token))["balance"] == 1_000 - charged
+
+
+async def test_a_client_that_leaves_before_a_non_streamed_answer_pays_nothing(
+    backend_url: str, client: httpx.AsyncClient, token: str, backend_settings: Settings
+) -> None:
+    """Starlette does not cancel a handler whose client left: the answer would have been
+    charged in full when the model finished, though nobody read it."""
+    think_s = 1.5
+    body = {"model": "deepseek-chat", "messages": messages(f"hi [[think:{think_s * 1000:.0f}]]")}
+    async with httpx.AsyncClient(base_url=backend_url) as own:
+        with pytest.raises(httpx.ReadTimeout):
+            await own.post(
+                "/v1/chat/completions",
+                json=body,
+                headers=bearer(token),
+                timeout=httpx.Timeout(WAIT_S_MAX, read=0.3),
+            )
+
+    async def released() -> bool:
+        return (await balance(client, token))["held"] == 0
+
+    await eventually(released, "the hold of the abandoned chat to be released")
+    await asyncio.sleep(think_s)  # the model has answered by now: it must change nothing
+    assert (await balance(client, token))["balance"] == 1_000
+    assert read_debits(backend_settings, USER) == []
+
+
+async def test_a_client_gone_while_the_answer_waits_in_buffers_pays_only_what_it_was_sent(
+    backend_settings: Settings, tokenizer: Tokenizer
+) -> None:
+    """uvicorn's `send` returns silently once the client is gone, and chunks the upstream has
+    already sent are read without suspending: the stream once went on marking them delivered
+    (and, with [DONE] buffered too, charged the whole answer). Here an ASGI server that behaves
+    so loses its client after three chunks of a 40-word answer."""
+    await asyncio.to_thread(append_credit, backend_settings, USER, 1_000)
+    backend = await open_backend(backend_settings)
+    try:
+        app = build_app(backend)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://backend") as http:
+            key = (await create_api_key(http, await login(http, WALLET)))["key"]
+        content = "hi [[words:40]]"
+        request = orjson.dumps(
+            {"model": "deepseek-chat", "messages": messages(content), "stream": True}
+        )
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [
+                (b"authorization", f"Bearer {key}".encode()),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(request)).encode()),
+            ],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 80),
+        }
+        gone = asyncio.Event()
+        bodies: list[bytes] = []
+        requests = [{"type": "http.request", "body": request, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] != "http.response.body" or gone.is_set():
+                return  # what uvicorn does once the connection is lost: nothing
+            if len(bodies) == 3:
+                gone.set()  # the connection is lost before the fourth chunk is written
+                return
+            bodies.append(message["body"])
+
+        await app(scope, receive, send)
+        sent = [orjson.loads(body.removeprefix(b"data: ")) for body in bodies]
+        text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in sent)
+        assert text == "this is"  # the role chunk, then two words
+        view = await backend.meter.view(USER)
+        assert (view.held, view.balance) == (0, 1_000 - expected_charge(tokenizer, content, text))
+    finally:
+        await close_backend(backend)
 
 
 @pytest.mark.parametrize(

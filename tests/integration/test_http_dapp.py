@@ -25,6 +25,7 @@ from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     client,
     demo_model,
     demo_url,
+    eventually,
     funded,
     read_debits,
     tokenizer,
@@ -80,6 +81,46 @@ async def test_a_message_streams_its_answer_and_keeps_the_history(
     assert [c["id"] for c in listed] == [conversation]
     user = (await client.get("/user", headers=bearer(token))).json()
     assert user["tokens"] == 1_000 - charged and user["tokens_consumed"] == charged
+
+
+async def test_reasoning_the_dapp_never_shows_is_not_charged_when_the_client_leaves(
+    client: httpx.AsyncClient, backend_url: str, backend_settings: Settings, tokenizer: Tokenizer
+) -> None:
+    """The dApp's SSE carries no reasoning: a client that leaves mid-answer pays for the words
+    it was sent, not for reasoning it never saw. A stream that ends is charged the model's
+    usage, reasoning included, as the model bills it."""
+    token = await funded(client, backend_settings, WALLET, 1_000)
+    conversation = await new_conversation(client, token)
+    first = "hello [[reason:5]] [[pause:1]]"  # five words of reasoning, one of answer, a pause
+    async with (
+        httpx.AsyncClient(base_url=backend_url, timeout=WAIT_S_MAX) as own,
+        own.stream(
+            "POST",
+            "/messages",
+            json={"conversation_id": conversation, "content": first},
+            headers=bearer(token),
+        ) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                assert orjson.loads(line[6:]) == {"content": "this"}
+                break  # the model now pauses; leaving closes the connection
+
+    async def settled() -> bool:
+        return (await balance(client, token))["held"] == 0
+
+    await eventually(settled, "the abandoned chat to settle")
+    prompt = [{"role": "user", "content": first}]
+    charged = tokenizer.count_prompt(prompt) + tokenizer.count("this")
+    assert (await balance(client, token))["balance"] == 1_000 - charged
+
+    said = "hello [[reason:3]] [[words:2]]"
+    events = sse_events((await say(client, token, conversation, said)).content)
+    assert [name for name, _ in events] == ["message", "message", "done"]
+    prompt = [*prompt, {"role": "assistant", "content": "this"}, {"role": "user", "content": said}]
+    assert events[-1][1]["tokens_charged"] == (
+        tokenizer.count_prompt(prompt) + tokenizer.count("r0 r1 r2 this is")
+    )
 
 
 async def test_another_users_conversation_is_404_and_never_charged(
