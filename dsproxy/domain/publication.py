@@ -4,8 +4,11 @@ A relay answers an EVENT with `OK true`, or `OK false` and a NIP-01 reason such 
 `"invalid: bad signature"`. `duplicate:` means the relay has the event already (nostr-relay
 answers OK false for it), so it counts as an acknowledgement. Reasons that can never change for
 this event (`invalid:`, `blocked:`, `pow:`, `restricted:`, `rejected:`) are permanent: the event is
-recorded as failed and the outbox moves on. Anything else (`rate-limited:`, `error:`, a timeout, a
-relay that is down) is transient: the outbox retries with backoff, in order.
+recorded as failed and the outbox moves on. Anything else is transient: the outbox retries with
+backoff, in order. A relay that is down, or says `rate-limited:` (it asks us to come back
+later), delays publication for as long as it lasts; every other refusal (`error:`, a refusal in
+the relay's own words without a prefix, or one relay refusing for good while another is down) is
+recorded with its reason and counts against a budget, after which the event fails.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
 
 PERMANENT_PREFIXES = ("invalid", "blocked", "pow", "restricted", "rejected")
 ACKNOWLEDGING_PREFIXES = ("duplicate",)
+UNCOUNTED_PREFIXES = ("rate-limited",)  # "later", not "no": like an outage, never gives up
 _NIP01_PREFIX = re.compile(r"^([a-z][a-z-]*):")
 
 
@@ -68,15 +72,13 @@ def _prefix(reason: str) -> str | None:
 
 
 def answer_of(relay: str, accepted: bool, reason: str) -> RelayResult:
-    """Classify what the client library reported: relay reasons carry a NIP-01 prefix."""
+    """Classify a relay's `OK`: a refusal is a rejection even without a NIP-01 prefix (the
+    relay's own words, kept so that `dsproxy outbox` shows them)."""
     if accepted:
         return RelayResult(relay, RelayAnswer.ACCEPTED, reason)
-    prefix = _prefix(reason)
-    if prefix in ACKNOWLEDGING_PREFIXES:
+    if _prefix(reason) in ACKNOWLEDGING_PREFIXES:
         return RelayResult(relay, RelayAnswer.ACCEPTED, reason)
-    if prefix is None:  # "timeout", "relay not connected": the library's words, not the relay's
-        return RelayResult(relay, RelayAnswer.UNREACHABLE, reason)
-    return RelayResult(relay, RelayAnswer.REJECTED, reason)
+    return RelayResult(relay, RelayAnswer.REJECTED, reason or "refused without a reason")
 
 
 def is_permanent(reason: str) -> bool:
@@ -96,7 +98,8 @@ class Failed:
 
 @frozen
 class RetryLater:
-    """Try again after a delay; `rejection` is a relay's transient refusal (None if unreachable)."""
+    """Try again after a delay; `rejection` is the refusal to record and count (None if the
+    relays were unreachable or rate-limiting)."""
 
     reason: str
     rejection: str | None
@@ -117,8 +120,8 @@ def decide_publication(
 ) -> Decision:
     """One relay acknowledging is enough; every relay refusing for good is a failure.
 
-    Transient rejections count against `rejections_max`; a relay being unreachable never does,
-    so an outage only delays publication.
+    Other refusals count against `rejections_max`; a relay being unreachable or rate-limiting
+    never does, so an outage only delays publication.
     """
     assert relays_total >= 1, relays_total
     accepted = tuple(r.relay for r in results if r.answer is RelayAnswer.ACCEPTED)
@@ -128,13 +131,11 @@ def decide_publication(
     permanent = [r for r in rejected if is_permanent(r.reason)]
     if permanent and len(permanent) == len(results) == relays_total:
         return Failed(_describe(permanent))
-    transient = [r for r in rejected if not is_permanent(r.reason)]
-    if transient and rejections_so_far + 1 >= rejections_max:
-        return Failed(
-            f"gave up after {rejections_max} transient rejections: {_describe(transient)}"
-        )
-    if transient:
-        return RetryLater(_describe(results), _describe(transient))
+    counted = [r for r in rejected if _prefix(r.reason) not in UNCOUNTED_PREFIXES]
+    if counted and rejections_so_far + 1 >= rejections_max:
+        return Failed(f"gave up after {rejections_max} rejections: {_describe(counted)}")
+    if counted:
+        return RetryLater(_describe(results), _describe(counted))
     return RetryLater(_describe(results) or "no relay configured", None)
 
 

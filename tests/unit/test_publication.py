@@ -21,7 +21,7 @@ from dsproxy.domain.publication import (
 RELAYS = ("ws://a", "ws://b", "ws://c")
 PERMANENT = ("invalid: bad signature", "blocked: you are banned", "pow: difficulty 20 needed")
 TRANSIENT = ("rate-limited: slow down", "error: database is locked", "auth-required: sign in")
-LIBRARY = ("timeout", "relay not connected", "")
+UNPREFIXED = ("Event rejected", "unexpected error: Traceback", "")  # a relay's own words
 
 
 @pytest.mark.parametrize(
@@ -30,17 +30,20 @@ LIBRARY = ("timeout", "relay not connected", "")
         (True, "", RelayAnswer.ACCEPTED),
         (False, "duplicate: exists", RelayAnswer.ACCEPTED),
         *[(False, reason, RelayAnswer.REJECTED) for reason in PERMANENT + TRANSIENT],
-        *[(False, reason, RelayAnswer.UNREACHABLE) for reason in LIBRARY],
+        *[(False, reason, RelayAnswer.REJECTED) for reason in UNPREFIXED],
     ],
 )
 def test_answer_of_reads_nip01_prefixes(accepted: bool, reason: str, answer: RelayAnswer) -> None:
-    """Relay reasons carry a `word:` prefix; the client library's own errors do not."""
-    assert answer_of("ws://a", accepted, reason).answer is answer
+    """An `OK false` is a refusal whatever its words (once read as an outage: never recorded,
+    never counted, retried forever in front of every later event)."""
+    result = answer_of("ws://a", accepted, reason)
+    assert result.answer is answer
+    assert result.reason or accepted  # a refusal always says something in `dsproxy outbox`
 
 
 def test_permanent_prefixes_only() -> None:
     assert all(is_permanent(reason) for reason in PERMANENT)
-    assert not any(is_permanent(reason) for reason in TRANSIENT + LIBRARY)
+    assert not any(is_permanent(reason) for reason in TRANSIENT + UNPREFIXED)
 
 
 results = st.lists(
@@ -48,7 +51,7 @@ results = st.lists(
         answer_of,
         st.sampled_from(RELAYS),
         st.booleans(),
-        st.sampled_from(PERMANENT + TRANSIENT + LIBRARY + ("duplicate: have it",)),
+        st.sampled_from(PERMANENT + TRANSIENT + UNPREFIXED + ("duplicate: have it",)),
     ),
     max_size=3,
     unique_by=lambda result: result.relay,
@@ -82,23 +85,32 @@ def test_permanent_rejection_by_every_relay_fails() -> None:
 
 
 def test_permanent_rejection_by_one_relay_waits_for_the_others() -> None:
-    """One relay refusing for good does not decide while another may still accept."""
+    """One relay refusing for good does not decide while another may still accept, but its
+    reason is recorded (and counted: the other relay may never come back)."""
     answers = [
         answer_of("ws://a", False, "blocked: no"),
-        answer_of("ws://b", False, "timeout"),
+        RelayResult("ws://b", RelayAnswer.UNREACHABLE, "timeout"),
     ]
-    assert isinstance(decide_publication(answers, 2), RetryLater)
+    decision = decide_publication(answers, 2)
+    assert isinstance(decision, RetryLater)
+    assert decision.rejection == "ws://a: blocked: no"
 
 
-def test_transient_rejections_retry_then_give_up() -> None:
-    answers = [answer_of("ws://a", False, "rate-limited: slow down")]
+@pytest.mark.parametrize("reason", ["error: database is locked", "Event rejected"])
+def test_other_rejections_retry_then_give_up(reason: str) -> None:
+    answers = [answer_of("ws://a", False, reason)]
     decision = decide_publication(answers, 1, rejections_so_far=3, rejections_max=20)
-    assert decision == RetryLater(
-        "ws://a: rate-limited: slow down", "ws://a: rate-limited: slow down"
-    )
+    assert decision == RetryLater(f"ws://a: {reason}", f"ws://a: {reason}")
     final = decide_publication(answers, 1, rejections_so_far=19, rejections_max=20)
     assert isinstance(final, Failed)
-    assert "gave up after 20 transient rejections" in final.reason
+    assert "gave up after 20 rejections" in final.reason
+
+
+def test_rate_limiting_only_delays_like_an_outage() -> None:
+    """`rate-limited:` asks us to come back later: minutes of it must not fail the event."""
+    answers = [answer_of("ws://a", False, "rate-limited: slow down")]
+    decision = decide_publication(answers, 1, rejections_so_far=10**6, rejections_max=20)
+    assert decision == RetryLater("ws://a: rate-limited: slow down", None)
 
 
 @given(st.integers(0, 1_000), st.integers(1, 10_000), st.integers(1, 100_000))
