@@ -177,6 +177,11 @@ class _Page:
         self.failed: str | None = None
 
     def add(self, obj: dict[str, Any]) -> None:
+        if self.complete:
+            # a live event on the still-open query (the CLOSE is not sent yet): the live
+            # subscription has it too, and counting it would make the answer look longer than
+            # the relay's cap, so that the next full answer would end paging too early
+            return
         self.events.append(obj)
         if len(self.events) >= self.chunk_len:
             self.ready.set()

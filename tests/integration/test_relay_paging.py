@@ -10,7 +10,7 @@ from attrs import frozen
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsproxy.adapters.relay import HistoryPager, RelayConnection, fetch_history
+from dsproxy.adapters.relay import HistoryPager, RelayConnection, _Page, fetch_history
 from dsproxy.wire.envelope import Address
 from tests.conftest import CONTROLLER_SECRET
 from tests.integration.relay_fixtures import credits, fetch_ids, local_relay, publish
@@ -151,3 +151,15 @@ async def test_a_slow_reader_still_gets_every_event_once(
         await connection.close()
     assert len(received) == len(set(received)) == len(events)
     assert set(received) == {event.id for event in events}
+
+
+def test_events_after_a_pages_eose_are_left_to_the_live_subscription() -> None:
+    """A query stays open after its EOSE until its CLOSE is sent (later still while the reader
+    is slow): events the relay sends on it meanwhile are live, not part of the answer. Counted,
+    they made the first answer look longer than the relay's cap, and the next full answer of
+    known events then ended paging with older history unread."""
+    page = _Page(chunk_len=256)
+    page.add({"id": "a"})
+    page.end()
+    page.add({"id": "live"})
+    assert page.take() == [{"id": "a"}]
