@@ -245,7 +245,8 @@ class AuthenticationFailed(DsproxyError):
 
 
 class ClientGone(DsproxyError):
-    """The client closed its connection before its answer: nothing is charged for it."""
+    """The client closed its connection before its answer: a chat still waiting for the model
+    is cancelled and charged nothing (one already being settled keeps its charge)."""
 
 
 class NotFound(DsproxyError):

@@ -6,9 +6,9 @@ answers OK false for it), so it counts as an acknowledgement. Reasons that can n
 this event (`invalid:`, `blocked:`, `pow:`, `restricted:`, `rejected:`) are permanent: the event is
 recorded as failed and the outbox moves on. Anything else is transient: the outbox retries with
 backoff, in order. A relay that is down, or says `rate-limited:` (it asks us to come back
-later), delays publication for as long as it lasts; every other refusal (`error:`, a refusal in
-the relay's own words without a prefix, or one relay refusing for good while another is down) is
-recorded with its reason and counts against a budget, after which the event fails.
+later), delays publication for as long as it lasts, and so does one relay refusing for good
+while another is down; every other refusal (`error:`, or a relay's own words without a prefix)
+is recorded with its reason and counts against a budget, after which the event fails.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = [
 PERMANENT_PREFIXES = ("invalid", "blocked", "pow", "restricted", "rejected")
 ACKNOWLEDGING_PREFIXES = ("duplicate",)
 UNCOUNTED_PREFIXES = ("rate-limited",)  # "later", not "no": like an outage, never gives up
-_NIP01_PREFIX = re.compile(r"^([a-z][a-z-]*):")
+_NIP01_PREFIX = re.compile(r"^([a-z][a-z-]*):", re.IGNORECASE)
 
 
 class RelayAnswer(enum.Enum):
@@ -68,7 +68,7 @@ class RelayResult:
 
 def _prefix(reason: str) -> str | None:
     match = _NIP01_PREFIX.match(reason.strip())
-    return match.group(1) if match else None
+    return match.group(1).lower() if match else None
 
 
 def answer_of(relay: str, accepted: bool, reason: str) -> RelayResult:
@@ -99,7 +99,7 @@ class Failed:
 @frozen
 class RetryLater:
     """Try again after a delay; `rejection` is the refusal to record and count (None if the
-    relays were unreachable or rate-limiting)."""
+    relays were unreachable, rate-limiting, or refused for good while others were down)."""
 
     reason: str
     rejection: str | None
@@ -131,7 +131,12 @@ def decide_publication(
     permanent = [r for r in rejected if is_permanent(r.reason)]
     if permanent and len(permanent) == len(results) == relays_total:
         return Failed(_describe(permanent))
-    counted = [r for r in rejected if _prefix(r.reason) not in UNCOUNTED_PREFIXES]
+    # a refusal for good by some relays while others are down waits for those (not counted)
+    counted = [
+        r
+        for r in rejected
+        if not is_permanent(r.reason) and _prefix(r.reason) not in UNCOUNTED_PREFIXES
+    ]
     if counted and rejections_so_far + 1 >= rejections_max:
         return Failed(f"gave up after {rejections_max} rejections: {_describe(counted)}")
     if counted:

@@ -462,9 +462,12 @@ async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
 
     Starlette does not cancel a handler whose client left, and the answer would be charged."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive, asyncio.Event()))
+    gone = asyncio.Event()
+    watcher = asyncio.ensure_future(_disconnected(receive, gone))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not gone.is_set():  # the watcher failed, not the client
+            await task
     finally:
         watcher.cancel()
         task.cancel()  # a no-op once it is done
@@ -496,18 +499,19 @@ class MeteredStreamResponse:
             nonlocal ended
             error: UpstreamError | None = None
             try:
-                async for chunk in self.stream.chunks():
-                    data = self.render.chunk(chunk)
-                    if not data:  # nothing of it goes to the client: not delivered
-                        self.stream.skipped(chunk)
-                        continue
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-                    # uvicorn's send returns silently once the client is gone, and chunks the
-                    # upstream already sent never suspend us: let the watcher speak first
-                    await asyncio.sleep(0)
-                    if gone.is_set():
-                        return
-                    self.stream.delivered(chunk)
+                async with contextlib.aclosing(self.stream.chunks()) as chunks:
+                    async for chunk in chunks:
+                        data = self.render.chunk(chunk)
+                        if not data:  # nothing of it goes to the client: not delivered
+                            self.stream.skipped(chunk)
+                            continue
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                        # uvicorn's send returns silently once the client is gone, and chunks
+                        # the upstream already sent never suspend us: let the watcher speak first
+                        await asyncio.sleep(0)
+                        if gone.is_set():
+                            return
+                        self.stream.delivered(chunk)
             except UpstreamError as exc:
                 error = exc
             charge = await asyncio.shield(self.stream.finish())

@@ -85,15 +85,14 @@ def test_permanent_rejection_by_every_relay_fails() -> None:
 
 
 def test_permanent_rejection_by_one_relay_waits_for_the_others() -> None:
-    """One relay refusing for good does not decide while another may still accept, but its
-    reason is recorded (and counted: the other relay may never come back)."""
+    """One relay refusing for good does not decide while another may still accept, however
+    long that one is down (a whitelist relay and an outage must not lose debits)."""
     answers = [
-        answer_of("ws://a", False, "blocked: no"),
+        answer_of("ws://a", False, "restricted: not on the list"),
         RelayResult("ws://b", RelayAnswer.UNREACHABLE, "timeout"),
     ]
-    decision = decide_publication(answers, 2)
-    assert isinstance(decision, RetryLater)
-    assert decision.rejection == "ws://a: blocked: no"
+    decision = decide_publication(answers, 2, rejections_so_far=10**6, rejections_max=20)
+    assert decision == RetryLater("ws://a: restricted: not on the list; ws://b: timeout", None)
 
 
 @pytest.mark.parametrize("reason", ["error: database is locked", "Event rejected"])
@@ -106,11 +105,12 @@ def test_other_rejections_retry_then_give_up(reason: str) -> None:
     assert "gave up after 20 rejections" in final.reason
 
 
-def test_rate_limiting_only_delays_like_an_outage() -> None:
+@pytest.mark.parametrize("reason", ["rate-limited: slow down", "Rate-Limited: slow down"])
+def test_rate_limiting_only_delays_like_an_outage(reason: str) -> None:
     """`rate-limited:` asks us to come back later: minutes of it must not fail the event."""
-    answers = [answer_of("ws://a", False, "rate-limited: slow down")]
+    answers = [answer_of("ws://a", False, reason)]
     decision = decide_publication(answers, 1, rejections_so_far=10**6, rejections_max=20)
-    assert decision == RetryLater("ws://a: rate-limited: slow down", None)
+    assert decision == RetryLater(f"ws://a: {reason}", None)
 
 
 @given(st.integers(0, 1_000), st.integers(1, 10_000), st.integers(1, 100_000))
