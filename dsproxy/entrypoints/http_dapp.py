@@ -70,6 +70,7 @@ class DappStreamRender:
     def __init__(self, backend: Backend, conversation_id: str) -> None:
         self.backend, self.conversation_id = backend, conversation_id
         self.parts: list[str] = []
+        self._stored: asyncio.Future[MessageRow] | None = None
 
     def chunk(self, chunk: StreamChunk) -> bytes | None:
         text = "".join(
@@ -83,9 +84,19 @@ class DappStreamRender:
         return b"event: message\ndata: " + orjson.dumps({"content": text}) + b"\n\n"
 
     async def _store(self, charge: Charge) -> MessageRow:
-        return await self.backend.accounts.add_message(
-            self.conversation_id, "assistant", "".join(self.parts), charge.tokens_charged, now_s()
-        )
+        """Store the answer once: a disconnect during `end` lets the write finish, and the
+        `aborted` that follows waits for it instead of storing the answer again."""
+        if self._stored is None:
+            self._stored = asyncio.ensure_future(
+                self.backend.accounts.add_message(
+                    self.conversation_id,
+                    "assistant",
+                    "".join(self.parts),
+                    charge.tokens_charged,
+                    now_s(),
+                )
+            )
+        return await asyncio.shield(self._stored)
 
     async def end(self, charge: Charge, error: UpstreamError | None) -> bytes:
         row = await self._store(charge)
