@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 """
-CHALLENGES_MAX = 100_000  # outstanding; expired ones are pruned when new ones are issued
+CHALLENGES_MAX = 100_000  # outstanding; expired ones are pruned, then the oldest make room
 
 
 @frozen
@@ -98,14 +98,24 @@ class AccountsDb:
     wait on the database to authenticate; a revoke through this process forgets them at once.
     """
 
-    def __init__(self, connection: aiosqlite.Connection, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        connection: aiosqlite.Connection,
+        clock: Any = time.monotonic,
+        challenges_max: int = CHALLENGES_MAX,
+    ) -> None:
         self._db = connection
         self._clock = clock
+        self._challenges_max = challenges_max
         self._bearers: dict[str, tuple[str, int | None, float]] = {}  # user, expiry, until
+        self._revocations = 0  # API keys revoked so far
 
     @classmethod
-    async def open(cls, path: Path, clock: Any = time.monotonic) -> AccountsDb:
-        return cls(await open_sqlite(path, [_SCHEMA], what="the accounts database"), clock)
+    async def open(
+        cls, path: Path, clock: Any = time.monotonic, challenges_max: int = CHALLENGES_MAX
+    ) -> AccountsDb:
+        connection = await open_sqlite(path, [_SCHEMA], what="the accounts database")
+        return cls(connection, clock, challenges_max)
 
     async def close(self) -> None:
         await self._db.close()
@@ -127,10 +137,17 @@ class AccountsDb:
     # --- login ---------------------------------------------------------------------------------
 
     async def add_challenge(self, challenge: Challenge, now: int) -> None:
+        """Keep at most `challenges_max`: past that, the oldest make room. Refusing new ones
+        instead let anyone lock every user out by asking for challenges (no login needed);
+        evicting means an attacker must outpace a user's few seconds of signing."""
         await self._write("DELETE FROM challenges WHERE expires_at < ?", (now,))
         count = (await self._rows("SELECT COUNT(*) FROM challenges"))[0][0]
-        if count >= CHALLENGES_MAX:
-            raise StoreError("too many outstanding login challenges; try again shortly")
+        if count >= self._challenges_max:
+            await self._write(
+                "DELETE FROM challenges WHERE nonce IN (SELECT nonce FROM challenges "
+                "ORDER BY issued_at, nonce LIMIT ?)",
+                (count - self._challenges_max + 1,),
+            )
         await self._write(
             "INSERT INTO challenges VALUES (?, ?, ?, ?, ?)",
             (
@@ -167,6 +184,7 @@ class AccountsDb:
             if self._clock() < until and (expires_at is None or now <= expires_at):
                 return user
             del self._bearers[secret_hash]
+        revocations = self._revocations
         rows = await self._rows(
             "SELECT user, expires_at FROM sessions WHERE token_hash = ? AND expires_at >= ? "
             "UNION ALL SELECT user, NULL FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
@@ -174,6 +192,8 @@ class AccountsDb:
         )
         if not rows:
             return None
+        if revocations != self._revocations:  # a key was revoked while we read: do not cache
+            return str(rows[0][0])
         if len(self._bearers) >= BEARERS_CACHED_MAX:
             self._bearers.clear()
         user, expires_at = str(rows[0][0]), rows[0][1]
@@ -210,6 +230,7 @@ class AccountsDb:
             (now, key_id, user),
         )
         self._bearers.clear()  # which hash was that key's is not kept: forget them all
+        self._revocations += 1  # and a lookup that read before this must not cache its answer
         return changed == 1
 
     # --- conversations ---------------------------------------------------------------------------

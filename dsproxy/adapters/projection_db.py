@@ -240,9 +240,10 @@ class ProjectionDb:
             return [AccountRow(*row) async for row in cursor]
 
     async def postings(self, user: str, limit: int = 1000) -> list[PostingRow]:
+        """The user's newest `limit` postings, oldest of them first."""
         async with self._db.execute(
-            "SELECT position, event_id, user, tokens, author, created_at FROM postings "
-            "WHERE user = ? ORDER BY position LIMIT ?",
+            "SELECT * FROM (SELECT position, event_id, user, tokens, author, created_at "
+            "FROM postings WHERE user = ? ORDER BY position DESC LIMIT ?) ORDER BY position",
             (user, limit),
         ) as cursor:
             return [PostingRow(*row) async for row in cursor]

@@ -130,7 +130,7 @@ def routes(backend: Backend) -> list[Route]:
     async def transactions(request: Request) -> Response:
         user = await authenticate(request, backend)
         raw = request.query_params.get("limit", "100")
-        if not raw.isdigit() or not 1 <= int(raw) <= TRANSACTIONS_LIMIT_MAX:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= TRANSACTIONS_LIMIT_MAX:
             raise InvalidParameter(f"limit must be 1..{TRANSACTIONS_LIMIT_MAX}", param="limit")
         postings = await backend.node.ledger.db.postings(user, int(raw))
         data = [

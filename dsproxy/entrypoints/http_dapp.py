@@ -117,9 +117,14 @@ def routes(backend: Backend) -> list[Route]:
     async def create_conversation(request: Request) -> Response:
         user = await authenticate(request, backend)
         body = await read_json(request, 4_096)
-        body = body if isinstance(body, dict) else {}
-        title = body.get("title") or "New conversation"
-        model = body.get("model") or catalog.models[0]
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise InvalidParameter("the body must be a JSON object", param="body")
+        title = body.get("title")
+        title = "New conversation" if title in (None, "") else title
+        model = body.get("model")
+        model = catalog.models[0] if model in (None, "") else model
         if not isinstance(title, str) or len(title) > TITLE_CHARS_MAX:
             raise InvalidParameter(
                 f"title must be at most {TITLE_CHARS_MAX} characters", param="title"
@@ -157,12 +162,14 @@ def routes(backend: Backend) -> list[Route]:
         if not isinstance(content, str) or not content.strip():
             raise InvalidParameter("content must be a non-empty string", param="content")
         model = body.get("model") or conversation.model
+        if model not in catalog.models:
+            raise InvalidParameter(f"no model {model!r}", param="model", code="model_not_found")
         history = await backend.accounts.messages(
             conversation.id, settings.conversation_messages_max
         )
         messages = [{"role": row.role, "content": row.content} for row in history if row.content]
         messages.append({"role": "user", "content": content})
-        window = catalog.context_window(model) if model in catalog.models else 0
+        window = catalog.context_window(model)
         reply_tokens = min(catalog.completion_tokens_max, max(1, window // 4))
         counts = [backend.tokenizer.count_message(message) for message in messages]
         start = trim_to_window(counts, window - reply_tokens - TEMPLATE_TOKENS_PER_PROMPT)

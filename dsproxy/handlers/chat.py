@@ -379,6 +379,9 @@ class Meter:
         return Recovery(len(released), len(debits), len(users))
 
 
+USERS_REMEMBERED_MIN = 1_024  # the per-minute table is swept of idle users past this size
+
+
 class UserLimits:
     """Per-user requests per minute (sliding window) and concurrent requests."""
 
@@ -387,10 +390,18 @@ class UserLimits:
         self._clock = clock
         self._recent: dict[str, deque[float]] = {}
         self._running: dict[str, int] = {}
+        self._sweep_at = USERS_REMEMBERED_MIN
+
+    @property
+    def users_remembered(self) -> int:
+        """Users whose requests of the last minute are kept."""
+        return len(self._recent)
 
     def admit(self, user: str) -> UserTicket:
         """Count a request in, or raise RateLimited (429)."""
         now = self._clock()
+        if len(self._recent) >= self._sweep_at:
+            self._forget_idle(now)
         recent = self._recent.setdefault(user, deque())
         while recent and now - recent[0] >= 60.0:
             recent.popleft()
@@ -404,6 +415,12 @@ class UserLimits:
         recent.append(now)
         self._running[user] = self._running.get(user, 0) + 1
         return UserTicket(self, user)
+
+    def _forget_idle(self, now: float) -> None:
+        """Logins are free, so users are unbounded: forget those with no request in the last
+        minute (amortized, as the table doubles)."""
+        self._recent = {u: r for u, r in self._recent.items() if r and now - r[-1] < 60.0}
+        self._sweep_at = max(USERS_REMEMBERED_MIN, 2 * len(self._recent))
 
     def _done(self, user: str) -> None:
         self._running[user] -= 1

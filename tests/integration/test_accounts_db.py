@@ -3,9 +3,11 @@ revoke made through this process; a revoke made elsewhere takes effect within th
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from dsproxy.adapters.accounts_db import BEARER_CACHED_S, AccountsDb
+from dsproxy.domain.accounts import Challenge
 
 USER = "8fL4sZ7rYbQ2vN6mK3xW9tH5pJ1cD4eF7gA2hB6kM9n"
 
@@ -51,3 +53,35 @@ async def test_revoked_keys_stop_here_at_once_and_elsewhere_within_the_cache_tim
     finally:
         await here.close()
         await elsewhere.close()
+
+
+async def test_a_lookup_racing_a_revoke_does_not_keep_the_key_alive(tmp_path: Path) -> None:
+    """A lookup that read the key before the revoke landed used to cache it after the revoke
+    had cleared the cache: the revoked key then worked for BEARER_CACHED_S more."""
+    accounts = await AccountsDb.open(tmp_path / "backend.sqlite", Clock())
+    try:
+        key = await accounts.add_api_key(USER, "key-hash", "sdk", now=1_000)
+        _, revoked = await asyncio.gather(
+            accounts.user_for("key-hash", now=1_001),
+            accounts.revoke_api_key(USER, key.id, now=1_001),
+        )
+        assert revoked
+        assert await accounts.user_for("key-hash", now=1_002) is None
+    finally:
+        await accounts.close()
+
+
+async def test_a_full_challenge_table_makes_room_instead_of_locking_everyone_out(
+    tmp_path: Path,
+) -> None:
+    """Challenges need no login: refusing new ones once the table was full let anyone stop
+    every user from logging in. The oldest make room instead."""
+    accounts = await AccountsDb.open(tmp_path / "backend.sqlite", Clock(), challenges_max=3)
+    try:
+        for index in range(5):
+            challenge = Challenge("https://backend", USER, f"nonce-{index}", 1_000 + index, 2_000)
+            await accounts.add_challenge(challenge, now=1_000 + index)
+        taken = [await accounts.take_challenge(f"nonce-{index}") for index in range(5)]
+        assert [challenge is not None for challenge in taken] == [False, False, True, True, True]
+    finally:
+        await accounts.close()

@@ -156,5 +156,17 @@ async def test_user_and_transactions_show_the_ledger(
     assert user["tokens_consumed"] == 0
     ledger = (await client.get("/v1/transactions", headers=bearer(session))).json()
     assert [(entry["tokens"], len(entry["event_id"])) for entry in ledger["data"]] == [(500, 64)]
-    bad = await client.get("/v1/transactions?limit=0", headers=bearer(session))
-    assert bad.status_code == 400
+    for limit in ("0", "1001", "%C2%B2", "x"):  # "²" is a digit to str.isdigit, not to int()
+        bad = await client.get(f"/v1/transactions?limit={limit}", headers=bearer(session))
+        assert (bad.status_code, bad.json()["error"]["param"]) == (400, "limit")
+
+
+async def test_transactions_show_the_newest_entries(
+    client: httpx.AsyncClient, backend_settings: Settings
+) -> None:
+    """They once showed the oldest `limit`: past 1,000 entries the newest were out of reach."""
+    session = await login(client, WALLET)
+    for tokens in (1, 2, 3, 4):
+        await credit(client, backend_settings, session, USER, tokens)
+    ledger = await client.get("/v1/transactions?limit=2", headers=bearer(session))
+    assert [entry["tokens"] for entry in ledger.json()["data"]] == [3, 4]

@@ -166,3 +166,20 @@ async def test_history_is_trimmed_to_the_context_window(
             refused = await say(http, token, conversation, too_long)
             assert refused.status_code == 400
             assert refused.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_bad_conversation_and_message_bodies_are_refused_and_charge_nothing(
+    client: httpx.AsyncClient, backend_settings: Settings
+) -> None:
+    token = await funded(client, backend_settings, WALLET, 1_000)
+    for body in ([1, 2], "x", {"title": 0}):
+        response = await client.post("/conversations", json=body, headers=bearer(token))
+        assert response.status_code == 400, body
+    assert (await client.get("/conversations", headers=bearer(token))).json() == []
+    created = await client.post("/conversations", content=b"null", headers=bearer(token))
+    assert created.status_code == 201 and created.json()["title"] == "New conversation"
+    body = {"conversation_id": created.json()["id"], "content": "hi", "model": "nope"}
+    response = await client.post("/messages", json=body, headers=bearer(token))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert (await balance(client, token))["balance"] == 1_000

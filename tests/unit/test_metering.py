@@ -19,7 +19,8 @@ from dsproxy.domain.metering import (
     parse_prices,
     trim_to_window,
 )
-from dsproxy.errors import ConfigError
+from dsproxy.errors import ConfigError, RateLimited
+from dsproxy.handlers.chat import UserLimits
 
 USER = "uY46ibBrA5pEsx4z8iiQ6BpNeBuMR6weo4u2ubREB9q"
 
@@ -88,3 +89,20 @@ def test_parse_model_numbers_refuses_small_values() -> None:
     assert parse_model_numbers(["m=4096"], "K") == {"m": 4096}
     with pytest.raises(ConfigError, match="K has"):
         parse_model_numbers(["m=0"], "K")
+
+
+def test_user_limits_forget_users_idle_for_a_minute() -> None:
+    """Logins are free: the per-minute table must not keep every user who ever asked, only
+    about twice those of the last minute."""
+    now = [0.0]
+    limits = UserLimits(per_minute_max=10, concurrent_max=10, clock=lambda: now[0])
+    largest = 0
+    for minute in range(10):  # 3,000 new users a minute, 30,000 in all
+        now[0] = minute * 61.0
+        for index in range(3_000):
+            limits.admit(f"user-{minute}-{index}").done()
+            largest = max(largest, limits.users_remembered)
+    assert largest <= 2 * 3_000 + 1
+    with pytest.raises(RateLimited):  # a busy user is still limited across sweeps
+        for _ in range(11):
+            limits.admit("busy").done()
