@@ -124,6 +124,8 @@ class RechargesProjection:
             != self.address.machine
         ):
             return None
+        if not 0 <= event["created_at"] < 2**63:  # stored before the door refused it
+            return None
         return (event["id"], record.position, event["pubkey"], event["created_at"])
 
     def _fact_changes(self, record: StoredRecord) -> list[tuple[str, list[tuple[Any, ...]]]]:

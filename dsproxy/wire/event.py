@@ -31,7 +31,7 @@ __all__ = [
     "verify_event",
 ]
 
-_U64_MAX = 2**64 - 1
+_I64_MAX = 2**63 - 1  # NIP-01 allows a u64; SQLite stores at most this
 _FIELDS = ("id", "pubkey", "created_at", "kind", "tags", "content", "sig")
 
 
@@ -105,8 +105,9 @@ def parse_event(raw: str | bytes | dict[str, Any]) -> NostrEvent:
         event_id, pubkey, created_at, kind, tags, content, sig = map(obj.__getitem__, _FIELDS)
     except KeyError as exc:
         raise InvalidEvent(f"event has no {exc.args[0]!r}") from None
-    if type(created_at) is not int or not 0 <= created_at <= _U64_MAX:
-        raise InvalidEvent("event.created_at must be a non-negative integer")
+    if type(created_at) is not int or not 0 <= created_at <= _I64_MAX:
+        # beyond 2^63-1 no SQLite table could hold it: such an event once stopped every fold
+        raise InvalidEvent("event.created_at must be an integer in [0, 2^63-1]")
     if type(kind) is not int or not 0 <= kind <= 65535:
         raise InvalidEvent("event.kind must be an integer in [0, 65535]")
     if not _valid_tags(tags):

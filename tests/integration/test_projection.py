@@ -173,3 +173,18 @@ async def test_content_nested_too_deep_to_write_back_is_ignored_and_folding_goes
         ]
     finally:
         await node.aclose()
+
+
+async def test_a_request_stored_with_a_date_past_sqlite_integers_does_not_stop_the_fold(
+    node_settings: Settings, address: Address
+) -> None:
+    """The door now refuses such dates; a store written before that may still hold one."""
+    tags = [["s", address.session], ["p", address.machine]]
+    poison = sign_event(STRANGER_SECRET, 1573, tags, '{"Request":{}}', 2**63)
+    node = await open_ledger(node_settings)
+    try:
+        await node.store.append_nostr([poison, credit(address, ALICE, 40)])
+        await node.projector.catch_up()
+        assert [row.balance for row in await node.db.accounts()] == [40]
+    finally:
+        await node.aclose()

@@ -59,7 +59,7 @@ def test_seal_reproduces_the_vector_id_with_the_vector_key(vectors: dict[str, An
         ("id", "AB" * 32, "64 lowercase hex"),
         ("sig", "zz", "128 lowercase hex"),
         ("kind", "1573", "kind must be an integer"),
-        ("created_at", -1, "non-negative"),
+        ("created_at", -1, "[0, 2^63-1]"),
         ("tags", [["s", 1]], "lists of strings"),
         ("content", None, "content must be a string"),
     ],
@@ -97,3 +97,12 @@ def test_events_signed_here_verify_in_nostr_sdk(address: Address) -> None:
     )
     assert sdk_verifies(event.to_obj())
     assert verify_event(event.to_json()) == event
+
+
+def test_a_signed_event_dated_past_what_sqlite_holds_is_refused_at_the_door() -> None:
+    """NIP-01 allows any u64, and such an event verifies; stored, it stopped every fold of the
+    log (SQLite integers end at 2^63-1)."""
+    event = sign_event("77" * 32, 1573, [["s", "x"], ["p", "00" * 32]], "{}", 2**63)
+    with pytest.raises(InvalidEvent, match=r"\[0, 2\^63-1\]"):
+        verify_event(event.to_json())
+    assert verify_event(sign_event("77" * 32, 1573, [], "{}", 2**63 - 1).to_json())
