@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS payments (
     updated_position INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS payments_by_state ON payments (state, accepted_position);
+CREATE INDEX IF NOT EXISTS payments_by_nonce ON payments (user, nonce);
 """
 
 _NEW_REQUEST = (
@@ -191,6 +192,16 @@ class RechargesProjection:
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = ?", (payment_uuid,)
         )
         return PaymentRow(*rows[0]) if rows else None
+
+    @staticmethod
+    async def payments_for(db: ProjectionDb, user: str, nonce: int) -> list[PaymentRow]:
+        """Every payment made for a signed (user, nonce), the first first."""
+        rows = await db.fetch_all(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE user = ? AND nonce = ? "
+            "ORDER BY accepted_position",
+            (user, nonce),
+        )
+        return [PaymentRow(*row) for row in rows]
 
     @staticmethod
     async def recent_payments(db: ProjectionDb, limit: int) -> list[PaymentRow]:

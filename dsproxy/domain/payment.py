@@ -25,9 +25,11 @@ CRASH_POINTS = frozenset({"accepted", "submitted", "confirmed"})
 _NAMESPACE = uuid.UUID("0f3c1a6e-2b8d-5e47-9c1d-1573d5b0a9e1")
 
 
-def payment_id(user: str, nonce: int) -> uuid.UUID:
-    """The one payment a signed (user, nonce) can ever make."""
-    return uuid.uuid5(_NAMESPACE, f"payment:{user}:{nonce}")
+def payment_id(user: str, nonce: int, attempt: int = 0) -> uuid.UUID:
+    """The payment a signed (user, nonce) makes; `attempt` counts the ones that failed before
+    it (the chain's nonce moves only when a payment lands, so the user signs that nonce again)."""
+    suffix = f":{attempt}" if attempt else ""
+    return uuid.uuid5(_NAMESPACE, f"payment:{user}:{nonce}{suffix}")
 
 
 def answer_id(request_id: str) -> uuid.UUID:
@@ -74,6 +76,30 @@ class Payment(Aggregate):
         self.attempts = 0
         self.event_ids: list[str] = []
         self.detail = ""
+
+    @classmethod
+    def accept(
+        cls,
+        *,
+        user: str,
+        nonce: int,
+        request_id: str,
+        request_content: str,
+        amount_lamports: int,
+        tokens: int,
+        attempt: int = 0,
+    ) -> Payment:
+        """A new payment for (user, nonce), after `attempt` failed ones."""
+        return cls._create(
+            cls.Accepted,
+            id=payment_id(user, nonce, attempt),
+            user=user,
+            nonce=nonce,
+            request_id=request_id,
+            request_content=request_content,
+            amount_lamports=amount_lamports,
+            tokens=tokens,
+        )
 
     @event("Submitted")
     def submit(self, signature: str, transaction: bytes, last_valid_block_height: int) -> None:

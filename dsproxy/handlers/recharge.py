@@ -31,7 +31,7 @@ from dsproxy.adapters.solana_rpc import (
 )
 from dsproxy.config import Settings
 from dsproxy.domain.eligibility import Ineligible, check_eligible
-from dsproxy.domain.payment import Answered, Payment, PaymentState, payment_id
+from dsproxy.domain.payment import Answered, Payment, PaymentState
 from dsproxy.domain.recharge import (
     Recharge,
     RefusalReason,
@@ -112,9 +112,11 @@ class RechargeHandler:
     # --- deciding ---------------------------------------------------------------------------
 
     async def _accept(self, recharge: Recharge, request_content: str) -> None:
-        known = await RechargesProjection.payment(
-            self.projector.db, str(payment_id(recharge.user, recharge.nonce))
+        # a failed payment left the chain's nonce where it was: the user may sign it again
+        tried = await RechargesProjection.payments_for(
+            self.projector.db, recharge.user, recharge.nonce
         )
+        known = next((row for row in tried if row.state != PaymentState.FAILED), None)
         if known is not None:
             await self._refuse(
                 Refused(
@@ -141,13 +143,14 @@ class RechargeHandler:
             reason = RefusalReason(verdict.reason.value)
             await self._refuse(Refused(recharge.request_id, reason, verdict.detail, recharge.user))
             return
-        payment = Payment(
+        payment = Payment.accept(
             user=recharge.user,
             nonce=recharge.nonce,
             request_id=recharge.request_id,
             request_content=request_content,
             amount_lamports=self.amount_lamports,
             tokens=tokens_for(self.amount_lamports, self.tokens_per_lamport),
+            attempt=len(tried),
         )
         await self._record([], payment)
         self._crash_point("accepted")

@@ -8,6 +8,7 @@ import pytest
 from solders.keypair import Keypair
 
 from dsproxy.adapters.recharges_projection import RechargesProjection
+from dsproxy.errors import TransactionFailed
 from dsproxy.wire.envelope import Address
 from dsproxy.wire.event import load_stored_event, public_key_of, sign_event
 from dsproxy.wire.messages import Reason, Status, Transaction, parse_message
@@ -138,6 +139,38 @@ async def test_replayed_signature_in_a_new_request_is_refused(
     row = await RechargesProjection.request(controller.node.db, replay.id)
     assert row is not None and row.state == "refused"
     assert row.detail.startswith("nonce_already_used")
+
+
+async def test_after_a_failed_payment_the_user_can_sign_the_same_nonce_again(
+    controller: Controller, address: Address
+) -> None:
+    """Only a payment that lands moves the chain's nonce, so after one fails (here the fee
+    payer had run dry) the user's next signature is for the same nonce. It was refused as
+    `nonce_already_used` for good: the user could never recharge again."""
+    world = controller.world
+    funded_payer = controller.handler.payer
+    controller.handler.payer = Keypair()  # empty: the transaction cannot pay its fee
+    first = dapp_request(address, world.keys.user, world.authorize(0), 0)
+    with pytest.raises(TransactionFailed):  # the controller's loop retries it later...
+        await controller.deliver(first)
+    for payment in await RechargesProjection.unfinished_payments(controller.node.db):
+        await controller.handler.resume(payment.payment_id, payment.user)  # ...as here
+    row = await RechargesProjection.request(controller.node.db, first.id)
+    assert row is not None and row.state == "failed", row
+    assert (await world.onchain()).nonce == 0
+
+    controller.handler.payer = funded_payer
+    before = world.balances()
+    second = dapp_request(address, world.keys.user, world.authorize(0), 0)
+    await controller.deliver(second)
+    assert (await world.onchain()).nonce == 1
+    assert world.balances()["treasury"] - before["treasury"] == PAY_LAMPORTS
+    assert await controller.balance(world.keys.user) == CREDIT
+    third = dapp_request(address, world.keys.user, world.authorize(0), 0)  # paid now: refused
+    await controller.deliver(third)
+    row = await RechargesProjection.request(controller.node.db, third.id)
+    assert row is not None and row.detail.startswith("nonce_already_used")
+    assert await controller.balance(world.keys.user) == CREDIT
 
 
 async def test_malformed_payload_is_refused_with_the_parse_error(
