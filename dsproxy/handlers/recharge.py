@@ -51,7 +51,7 @@ from dsproxy.errors import (
 from dsproxy.services.projector import Projector
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import load_stored_event
-from dsproxy.wire.messages import Request, parse_message
+from dsproxy.wire.messages import I64_MAX, Request, parse_message
 from dsproxy.wire.recover import SIGN_MESSAGE_PREFIX_V1
 
 __all__ = ["RechargeHandler", "build_recharge_handler"]
@@ -112,6 +112,12 @@ class RechargeHandler:
     # --- deciding ---------------------------------------------------------------------------
 
     async def _accept(self, recharge: Recharge, request_content: str) -> None:
+        if recharge.nonce > I64_MAX:  # no chain gets there, and no SQLite integer holds it
+            detail = f"nonce {recharge.nonce} is beyond any on-chain nonce"
+            await self._refuse(
+                Refused(recharge.request_id, RefusalReason.NONCE_MISMATCH, detail, recharge.user)
+            )
+            return
         # a failed payment left the chain's nonce where it was: the user may sign it again
         tried = await RechargesProjection.payments_for(
             self.projector.db, recharge.user, recharge.nonce

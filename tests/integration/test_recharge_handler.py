@@ -173,6 +173,21 @@ async def test_after_a_failed_payment_the_user_can_sign_the_same_nonce_again(
     assert await controller.balance(world.keys.user) == CREDIT
 
 
+async def test_a_nonce_past_sqlite_integers_is_refused_not_a_crash(
+    controller: Controller, address: Address
+) -> None:
+    """Anyone can send it (no signature is checked before the nonce is looked up): crashing
+    the handler left the Request queued forever, and enough of them starved real ones."""
+    world = controller.world
+    request = dapp_request(address, world.keys.user, world.authorize(0), 2**63)
+    before = world.balances()
+    await controller.deliver(request)
+    row = await RechargesProjection.request(controller.node.db, request.id)
+    assert row is not None and row.state == "refused"
+    assert row.detail.startswith("nonce_mismatch")
+    assert world.balances() == before
+
+
 async def test_malformed_payload_is_refused_with_the_parse_error(
     controller: Controller, address: Address
 ) -> None:
