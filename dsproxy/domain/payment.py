@@ -13,6 +13,7 @@ after a crash at any point finishes the work instead of repeating it.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from eventsourcing.domain import Aggregate, event
 
@@ -49,10 +50,6 @@ class PaymentState:
 class Payment(Aggregate):
     """One paid (or failed) recharge."""
 
-    @staticmethod
-    def create_id(user: str, nonce: int, **_: object) -> uuid.UUID:
-        return payment_id(user, nonce)
-
     @event("Accepted")
     def __init__(
         self,
@@ -78,28 +75,10 @@ class Payment(Aggregate):
         self.detail = ""
 
     @classmethod
-    def accept(
-        cls,
-        *,
-        user: str,
-        nonce: int,
-        request_id: str,
-        request_content: str,
-        amount_lamports: int,
-        tokens: int,
-        attempt: int = 0,
-    ) -> Payment:
-        """A new payment for (user, nonce), after `attempt` failed ones."""
-        return cls._create(
-            cls.Accepted,
-            id=payment_id(user, nonce, attempt),
-            user=user,
-            nonce=nonce,
-            request_id=request_id,
-            request_content=request_content,
-            amount_lamports=amount_lamports,
-            tokens=tokens,
-        )
+    def accept(cls, *, attempt: int = 0, **fields: Any) -> Payment:
+        """A new payment for (user, nonce) after `attempt` failed ones (`fields`: __init__'s)."""
+        payment_uuid = payment_id(fields["user"], fields["nonce"], attempt)
+        return cls._create(cls.Accepted, id=payment_uuid, **fields)
 
     @event("Submitted")
     def submit(self, signature: str, transaction: bytes, last_valid_block_height: int) -> None:
