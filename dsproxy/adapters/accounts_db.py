@@ -30,9 +30,12 @@ CREATE TABLE IF NOT EXISTS challenges (
     nonce TEXT PRIMARY KEY, server TEXT NOT NULL, user TEXT NOT NULL,
     issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS challenges_by_expiry ON challenges (expires_at);
+CREATE INDEX IF NOT EXISTS challenges_by_age ON challenges (issued_at, nonce);
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY, user TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
     created_at INTEGER NOT NULL, revoked_at INTEGER
