@@ -255,8 +255,27 @@ class RechargeHandler:
         except RpcError:
             raise
         except PaymentError as exc:
-            return exc
+            return await self._refused_or_pending(signed, exc)
         return True
+
+    async def _refused_or_pending(
+        self, signed: SignedTransaction, refusal: PaymentError
+    ) -> PaymentError | bool:
+        """A failure that landed is final; a preflight refusal is not: bytes sent before it can
+        still land until their blockhash expires (the fee payer refilled meanwhile), and a
+        payment marked failed that then lands is paid and never credited."""
+        status = await self.rpc.transaction_status(signed.signature)
+        if status.state is TransactionState.SUCCEEDED:
+            return True
+        if status.state is TransactionState.FAILED:
+            assert status.error is not None, status
+            return status.error
+        if await self.rpc.block_height() <= signed.last_valid_block_height:
+            raise RpcError(
+                f"pay {signed.signature} refused ({refusal}), but sent before it may still land:"
+                " looking again once its blockhash has expired"
+            ) from refusal
+        return refusal
 
     async def _credit(self, payment: Payment) -> None:
         recharge = self._recharge_of(payment)

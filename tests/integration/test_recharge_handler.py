@@ -8,7 +8,8 @@ import pytest
 from solders.keypair import Keypair
 
 from dsproxy.adapters.recharges_projection import RechargesProjection
-from dsproxy.errors import TransactionFailed
+from dsproxy.errors import RpcError, TransactionFailed
+from dsproxy.localchain.chain import BLOCKHASH_VALID_SLOTS
 from dsproxy.wire.envelope import Address
 from dsproxy.wire.event import load_stored_event, public_key_of, sign_event
 from dsproxy.wire.messages import Reason, Status, Transaction, parse_message
@@ -145,21 +146,28 @@ async def test_after_a_failed_payment_the_user_can_sign_the_same_nonce_again(
     controller: Controller, address: Address
 ) -> None:
     """Only a payment that lands moves the chain's nonce, so after one fails (here the fee
-    payer had run dry) the user's next signature is for the same nonce. It was refused as
-    `nonce_already_used` for good: the user could never recharge again."""
+    payer stayed empty until the authorization's deadline) the user's next signature is for the
+    same nonce. It was refused as `nonce_already_used` for good: the user could never recharge
+    again. And a refusal before sending is not final while bytes sent earlier may land."""
     world = controller.world
-    funded_payer = controller.handler.payer
+    funded_payer, clock = controller.handler.payer, controller.handler.clock
     controller.handler.payer = Keypair()  # empty: the transaction cannot pay its fee
-    first = dapp_request(address, world.keys.user, world.authorize(0), 0)
+    info = world.authorize(0)
+    first = dapp_request(address, world.keys.user, info, 0)
     with pytest.raises(TransactionFailed):  # the controller's loop retries it later...
         await controller.deliver(first)
-    for payment in await RechargesProjection.unfinished_payments(controller.node.db):
-        await controller.handler.resume(payment.payment_id, payment.user)  # ...as here
+    (unfinished,) = await RechargesProjection.unfinished_payments(controller.node.db)
+    with pytest.raises(RpcError, match="may still land"):  # ...but not while it may land
+        await controller.handler.resume(unfinished.payment_id, unfinished.user)
+    controller.handler.clock = lambda: info.deadline + 1  # the payer stays empty past it
+    world.chain.advance_slots(BLOCKHASH_VALID_SLOTS + 1)  # what was sent can no longer land
+    await controller.handler.resume(unfinished.payment_id, unfinished.user)
     row = await RechargesProjection.request(controller.node.db, first.id)
     assert row is not None and row.state == "failed", row
+    assert row.detail.startswith("deadline_passed"), row.detail
     assert (await world.onchain()).nonce == 0
 
-    controller.handler.payer = funded_payer
+    controller.handler.payer, controller.handler.clock = funded_payer, clock
     before = world.balances()
     second = dapp_request(address, world.keys.user, world.authorize(0), 0)
     await controller.deliver(second)
