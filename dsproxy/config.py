@@ -42,9 +42,17 @@ def _optional_hex_key(raw: Any, key: str) -> str | None:
     return _hex_key(str(raw), key) if str(raw).strip() else None
 
 
+def _string(raw: Any, key: str) -> str:
+    """Text as given: a TOML number, list or table where text belongs is refused, never
+    turned into its Python spelling (a session of "['a', 'b']" matches no event)."""
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key} has {raw!r}: must be text")
+    return raw
+
+
 def _text_list(raw: Any, key: str) -> tuple[str, ...]:
-    items = raw if isinstance(raw, list) else str(raw).split(",")
-    return tuple(str(item).strip() for item in items if str(item).strip())
+    items = raw if isinstance(raw, list) else _string(raw, key).split(",")
+    return tuple(_string(item, key).strip() for item in items if _string(item, key).strip())
 
 
 def _int_at_least(low: int) -> Callable[[Any, str], int]:
@@ -60,19 +68,36 @@ def _int_at_least(low: int) -> Callable[[Any, str], int]:
     return parse
 
 
+def _int_between(low: int, high: int) -> Callable[[Any, str], int]:
+    at_least = _int_at_least(low)
+
+    def parse(raw: Any, key: str) -> int:
+        value = at_least(raw, key)
+        if value > high:
+            raise ConfigError(f"{key} has {raw!r}: must be at most {high}")
+        return value
+
+    return parse
+
+
+def _optional_text(raw: Any, key: str) -> str:
+    return _string(raw, key).strip()
+
+
 def _text(raw: Any, key: str) -> str:
-    value = str(raw).strip()
+    value = _string(raw, key).strip()
     if not value:
         raise ConfigError(f"{key} is empty")
     return value
 
 
 def _optional_path(raw: Any, key: str) -> Path | None:
-    return Path(str(raw)).expanduser() if str(raw).strip() else None
+    text = _string(os.fspath(raw) if isinstance(raw, os.PathLike) else raw, key).strip()
+    return Path(text).expanduser() if text else None
 
 
 def _path(raw: Any, key: str) -> Path:
-    return Path(_text(raw, key)).expanduser()
+    return Path(_text(os.fspath(raw) if isinstance(raw, os.PathLike) else raw, key)).expanduser()
 
 
 def _solana_pubkey(raw: Any, key: str) -> str:
@@ -128,13 +153,13 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "controller_concurrency_max": (_int_at_least(1), 16),
     "crash_at": (_crash_points, ""),
     "upstream_url": (_text, "https://api.deepseek.com"),
-    "upstream_api_key": (lambda raw, key: str(raw).strip(), ""),
+    "upstream_api_key": (_optional_text, ""),
     "upstream_api_key_file": (_optional_path, ""),
     "upstream_timeout_s": (_int_at_least(1), 600),
     "upstream_connections_max": (_int_at_least(1), 256),
     "http_host": (_text, "127.0.0.1"),
-    "http_port": (_int_at_least(0), 8080),
-    "public_url": (lambda raw, key: str(raw).strip().rstrip("/"), ""),
+    "http_port": (_int_between(0, 65_535), 8080),
+    "public_url": (lambda raw, key: _optional_text(raw, key).rstrip("/"), ""),
     "models": (_text_list, "deepseek-chat,deepseek-reasoner"),
     "prices": (_text_list, ""),
     "context_windows": (_text_list, ""),
@@ -237,8 +262,10 @@ def _read_file(path: Path) -> dict[str, Any]:
             table = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc.strerror or exc}") from None
     unknown = sorted(set(table) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"config file {str(path)!r} has unknown key {unknown[0]!r}")

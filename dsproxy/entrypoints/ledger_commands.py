@@ -18,7 +18,7 @@ from tqdm import tqdm
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.bootstrap import address, fact_projections, open_ledger, trust_policy
 from dsproxy.config import Settings
-from dsproxy.errors import BadInput
+from dsproxy.errors import BadInput, ConfigError
 from dsproxy.services.importer import import_jsonl
 from dsproxy.services.ingest import fetch_into_store
 from dsproxy.services.node import ingest_limits
@@ -43,6 +43,7 @@ def add_commands(subparsers: Any) -> None:
 
     parser = subparsers.add_parser("export", help="write every stored Nostr event as JSON Lines")
     parser.add_argument("file", help="output file, or - for standard output")
+    parser.add_argument("--force", action="store_true", help="replace the file if it exists")
     parser.set_defaults(run=run_export)
 
     parser = subparsers.add_parser("replay", help="rebuild the projection from the event store")
@@ -89,8 +90,25 @@ async def _import(path: Path, settings: Settings) -> int:
     return 1 if report.refused else 0
 
 
+def existing_store(settings: Settings) -> Path:
+    """A command that reads the ledger never creates one: a mistyped data directory would
+    otherwise look like an empty ledger (balance 0, 0 events exported over a backup)."""
+    if not settings.events_path.is_file():
+        raise ConfigError(
+            f"no event store at {str(settings.events_path)!r}: check --data-dir or DSPROXY_DATA_DIR"
+        )
+    return settings.events_path
+
+
 def run_export(args: argparse.Namespace, settings: Settings) -> int:
-    store = AsyncEventStore.open(settings.events_path)
+    path = existing_store(settings)
+    if args.file != "-":
+        target = Path(args.file)
+        if target.resolve() in {path.resolve(), Path(f"{path}-wal").resolve()}:
+            raise BadInput(f"{args.file!r} is the event store itself")
+        if target.exists() and not args.force:
+            raise BadInput(f"{args.file!r} exists; --force replaces it")
+    store = AsyncEventStore.open(path)
     written = 0
     try:
         if args.file == "-":
@@ -130,6 +148,8 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _replay(settings: Settings, from_relay: str | None = None, since: int = 0) -> int:
     policy = trust_policy(settings)
+    if from_relay is None:  # a fetch from a relay may start a ledger; a rebuild reads one
+        existing_store(settings)
     store = AsyncEventStore.open(settings.events_path)
     try:
         if from_relay is not None:
@@ -176,6 +196,7 @@ async def _replay(settings: Settings, from_relay: str | None = None, since: int 
 
 def run_balance(args: argparse.Namespace, settings: Settings) -> int:
     user = validate_user(args.user, "USER")
+    existing_store(settings)
     return asyncio.run(_balance(user, args.json, args.limit, settings))
 
 

@@ -151,8 +151,59 @@ def test_config_file_supplies_settings_and_env_overrides_it(
     assert (tmp_path / "from-file" / "events.sqlite").exists()
     assert balance(env, ALICE)["balance"] == 42
     overridden = {**env, "DSPROXY_DATA_DIR": str(tmp_path / "from-env")}
-    assert balance(overridden, ALICE)["balance"] == 0
+    result = dsproxy(overridden, "balance", ALICE)  # no ledger there: said, not made up
+    assert result.returncode == 2 and str(tmp_path / "from-env") in result.stderr
 
     config.write_text("unknown_key = 1\n")
     result = dsproxy(env, "balance", ALICE)
     assert result.returncode == 2 and "unknown key 'unknown_key'" in result.stderr
+
+
+def test_reading_commands_never_create_a_ledger_or_overwrite_a_backup(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    """A mistyped data directory once read as an empty ledger: balance 0, and `export` wrote
+    0 events over an existing backup (or JSON over the store itself), exiting 0."""
+    path, _ = mixed_file(tmp_path, address)
+    dsproxy(node_env, "import", str(path))
+    backup = tmp_path / "backup.jsonl"
+    assert dsproxy(node_env, "export", str(backup)).returncode == 0
+    kept = backup.read_text()
+
+    typo = {**node_env, "DSPROXY_DATA_DIR": str(tmp_path / "typo")}
+    for command in (["balance", ALICE], ["export", str(backup), "--force"], ["replay"]):
+        result = dsproxy(typo, *command)
+        assert result.returncode == 2, command
+        assert "no event store at" in result.stderr
+    assert not (tmp_path / "typo").exists()
+
+    result = dsproxy(node_env, "export", str(backup))
+    assert result.returncode == 2 and "--force replaces it" in result.stderr
+    store = Path(node_env["DSPROXY_DATA_DIR"]) / "events.sqlite"
+    result = dsproxy(node_env, "export", str(store), "--force")
+    assert result.returncode == 2 and "is the event store itself" in result.stderr
+    assert backup.read_text() == kept
+    assert dsproxy(node_env, "export", str(backup), "--force").returncode == 0
+    assert balance(node_env, ALICE)["balance"] == 750
+
+
+def test_configuration_of_the_wrong_type_or_range_is_refused(
+    tmp_path: Path, node_env: dict[str, str]
+) -> None:
+    """TOML values were turned into their Python spelling (a session of "['a', 'b']" would
+    match no event) and a port of 70000 wrapped around to 4464."""
+    config = tmp_path / "dsproxy.toml"
+    for line, expected in (
+        ('upstream_url = ["a", "b"]', "upstream_url has ['a', 'b']: must be text"),
+        ("context_windows = [1, 2]", "context_windows has 1: must be text"),
+        ("http_port = 70000", "http_port has 70000: must be at most 65535"),
+    ):
+        config.write_text(line + "\n")
+        result = dsproxy(node_env, "--config", str(config), "balance", ALICE)
+        assert result.returncode == 2, line
+        assert expected in result.stderr, result.stderr
+    config.write_bytes(b"session = '\xff'\n")
+    result = dsproxy(node_env, "--config", str(config), "balance", ALICE)
+    assert result.returncode == 2 and "is not valid TOML" in result.stderr
+    result = dsproxy(node_env, "--config", str(tmp_path), "balance", ALICE)
+    assert result.returncode == 2 and "config file" in result.stderr
