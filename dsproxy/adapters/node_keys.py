@@ -23,6 +23,10 @@ def load_secret(path: Path | None) -> str:
         text = path.read_text().strip()
     except OSError as exc:
         raise ConfigError(f"DSPROXY_NOSTR_KEY_FILE {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"DSPROXY_NOSTR_KEY_FILE {str(path)!r} does not hold a hex or nsec secret key"
+        ) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"DSPROXY_NOSTR_KEY_FILE {str(path)!r} is readable by others: chmod 600 it"
@@ -40,11 +44,15 @@ def load_secret(path: Path | None) -> str:
 def create_key_file(path: Path) -> str:
     """Write a new secret key to `path` (never overwriting) and return its public key (hex)."""
     secret_hex = nostr_sdk.Keys.generate().secret_key().to_hex()
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise ConfigError(f"{str(path)!r} exists already; not overwriting a key") from None
+        if path.exists():
+            raise ConfigError(f"{str(path)!r} exists already; not overwriting a key") from None
+        raise ConfigError(f"cannot create {str(path)!r}: a parent is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create {str(path)!r}: {exc.strerror or exc}") from None
     with os.fdopen(descriptor, "w") as handle:
         handle.write(secret_hex + "\n")
     return public_key_of(secret_hex)

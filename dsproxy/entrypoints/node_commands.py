@@ -14,6 +14,7 @@ from dsproxy.adapters.node_keys import create_key_file
 from dsproxy.config import Settings
 from dsproxy.entrypoints.event_loop import run_service
 from dsproxy.entrypoints.heap import freeze_startup_objects
+from dsproxy.errors import ConfigError
 from dsproxy.services.node import Node
 from dsproxy.services.outbox import list_outbox
 
@@ -72,6 +73,8 @@ def run_outbox(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _outbox(settings: Settings, as_json: bool, limit: int) -> int:
+    if settings.nostr_key_file is None:  # the outbox holds the events of this node's key
+        raise ConfigError("DSPROXY_NOSTR_KEY_FILE is not set: the outbox is that key's events")
     node = await Node.open(settings)
     try:
         await node.ledger.projector.catch_up()

@@ -29,9 +29,7 @@ from dsproxy.domain.recharge import recharge_request
 from dsproxy.errors import BadInput, ConfigError
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import NostrEvent
-from dsproxy.wire.messages import (
-    RecoverInfo,
-)
+from dsproxy.wire.messages import U64_MAX, RecoverInfo
 from dsproxy.wire.recover import (
     PAYLOAD_LEN,
     SIGN_MESSAGE_PREFIX_V1,
@@ -53,8 +51,10 @@ def _lamports(text: str, in_lamports: bool) -> int:
         value = Decimal(text) * (1 if in_lamports else LAMPORTS_PER_SOL)
     except InvalidOperation:
         raise BadInput(f"amount {text!r} is not a number") from None
-    if value != value.to_integral_value() or value <= 0:
+    if not value.is_finite() or value != value.to_integral_value() or value <= 0:
         raise BadInput(f"amount {text!r} must be a positive whole number of lamports")
+    if value > U64_MAX:
+        raise BadInput(f"amount {text!r} is more lamports than Solana counts (2^64-1)")
     return int(value)
 
 

@@ -207,3 +207,18 @@ def test_configuration_of_the_wrong_type_or_range_is_refused(
     assert result.returncode == 2 and "is not valid TOML" in result.stderr
     result = dsproxy(node_env, "--config", str(tmp_path), "balance", ALICE)
     assert result.returncode == 2 and "config file" in result.stderr
+
+
+def test_keygen_and_outbox_mistakes_are_one_line_errors(
+    tmp_path: Path, node_env: dict[str, str]
+) -> None:
+    """They were tracebacks (FileExistsError from mkdir, "no such table: outbox")."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = dsproxy(node_env, "keygen", str(blocker / "node.key"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("dsproxy: error: cannot create"), result.stderr
+    env = {k: v for k, v in node_env.items() if k != "DSPROXY_NOSTR_KEY_FILE"}
+    result = dsproxy(env, "outbox")
+    assert result.returncode == 2
+    assert result.stderr.startswith("dsproxy: error: DSPROXY_NOSTR_KEY_FILE is not set")
