@@ -238,12 +238,9 @@ class RechargeHandler:
         signed = SignedTransaction(
             payment.transaction, payment.signature, payment.last_valid_block_height
         )
-        status = await self.rpc.transaction_status(signed.signature)
-        if status.state is TransactionState.SUCCEEDED:
-            return True
-        if status.state is TransactionState.FAILED:
-            assert status.error is not None, status
-            return status.error
+        landed = await self._landed(signed.signature)
+        if landed is not None:
+            return landed
         try:
             await self.rpc.submit(signed, action="pay")  # the same bytes: never pays twice
         except TransactionExpired as exc:
@@ -258,18 +255,25 @@ class RechargeHandler:
             return await self._refused_or_pending(signed, exc)
         return True
 
+    async def _landed(self, signature: str) -> PaymentError | bool | None:
+        """True if it succeeded, its error if it failed on chain, None if it has not landed."""
+        status = await self.rpc.transaction_status(signature)
+        if status.state is TransactionState.SUCCEEDED:
+            return True
+        if status.state is TransactionState.FAILED:
+            assert status.error is not None, status
+            return status.error
+        return None
+
     async def _refused_or_pending(
         self, signed: SignedTransaction, refusal: PaymentError
     ) -> PaymentError | bool:
         """A failure that landed is final; a preflight refusal is not: bytes sent before it can
         still land until their blockhash expires (the fee payer refilled meanwhile), and a
         payment marked failed that then lands is paid and never credited."""
-        status = await self.rpc.transaction_status(signed.signature)
-        if status.state is TransactionState.SUCCEEDED:
-            return True
-        if status.state is TransactionState.FAILED:
-            assert status.error is not None, status
-            return status.error
+        landed = await self._landed(signed.signature)
+        if landed is not None:
+            return landed
         if await self.rpc.block_height() <= signed.last_valid_block_height:
             raise RpcError(
                 f"pay {signed.signature} refused ({refusal}), but sent before it may still land:"
