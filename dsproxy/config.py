@@ -52,7 +52,8 @@ def _string(raw: Any, key: str) -> str:
 
 def _text_list(raw: Any, key: str) -> tuple[str, ...]:
     items = raw if isinstance(raw, list) else _string(raw, key).split(",")
-    return tuple(_string(item, key).strip() for item in items if _string(item, key).strip())
+    stripped = (_string(item, key).strip() for item in items)
+    return tuple(item for item in stripped if item)
 
 
 def _int_at_least(low: int) -> Callable[[Any, str], int]:
@@ -92,12 +93,15 @@ def _text(raw: Any, key: str) -> str:
 
 
 def _optional_path(raw: Any, key: str) -> Path | None:
-    text = _string(os.fspath(raw) if isinstance(raw, os.PathLike) else raw, key).strip()
+    text = _optional_text(os.fspath(raw) if isinstance(raw, os.PathLike) else raw, key)
     return Path(text).expanduser() if text else None
 
 
 def _path(raw: Any, key: str) -> Path:
-    return Path(_text(os.fspath(raw) if isinstance(raw, os.PathLike) else raw, key)).expanduser()
+    path = _optional_path(raw, key)
+    if path is None:
+        raise ConfigError(f"{key} is empty")
+    return path
 
 
 def _solana_pubkey(raw: Any, key: str) -> str:
