@@ -94,8 +94,13 @@ def screen(
     admin: str | None,
     now: int,
     deadline_margin_s: int,
+    namespace_id: int | None = None,
 ) -> Recharge | Refused | None:
-    """Decide on a Request event without the chain; None means it is not a Request at all."""
+    """Decide on a Request event without the chain; None means it is not a Request at all.
+
+    `namespace_id` is the namespace this controller pays in (balance-payment v2; None for v1).
+    The chain checks the user's signature over that namespace, so a Request signed for another
+    one (or for none) could only fail there."""
     if not address.matches(event):
         return Refused(event.id, RefusalReason.NOT_FOR_THIS_MACHINE, "wrong kind, session or p tag")
     try:
@@ -116,6 +121,14 @@ def screen(
             f"reason {message.reason.value} is reserved for the admin key",
             user,
         )
+    if message.payload.namespace_id != namespace_id:
+        return Refused(
+            event.id,
+            RefusalReason.NOT_FOR_THIS_MACHINE,
+            f"signed for {_namespace(message.payload.namespace_id)}; "
+            f"this machine is paid in {_namespace(namespace_id)}",
+            user,
+        )
     recover = message.payload.recover
     if now + deadline_margin_s > recover.deadline:
         return Refused(
@@ -125,6 +138,12 @@ def screen(
             user,
         )
     return Recharge(event.id, event.pubkey, message.reason, message.payload, recover)
+
+
+def _namespace(namespace_id: int | None) -> str:
+    return (
+        "no namespace (balance-payment v1)" if namespace_id is None else f"namespace {namespace_id}"
+    )
 
 
 def recharge_request(

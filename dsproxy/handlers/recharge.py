@@ -75,6 +75,7 @@ class RechargeHandler:
     admin: str | None = None
     payer: Keypair | None = None
     sign_prefix: bytes = SIGN_MESSAGE_PREFIX_V1
+    namespace_id: int | None = None  # balance-payment v2 only
     deadline_margin_s: int = 5
     stale_after_s: int = 3600
     crash_at: frozenset[str] = frozenset()
@@ -94,6 +95,7 @@ class RechargeHandler:
             admin=self.admin,
             now=now,
             deadline_margin_s=self.deadline_margin_s,
+            namespace_id=self.namespace_id,
         )
         if decision is None:
             decision = Refused(event.id, RefusalReason.MALFORMED, "not a Request")
@@ -375,6 +377,7 @@ def build_recharge_handler(
         tokens_per_lamport=settings.tokens_per_lamport,
         admin=settings.admin_pubkey,
         sign_prefix=program.sign_prefix or SIGN_MESSAGE_PREFIX_V1,
+        namespace_id=rpc.program.namespace_id if rpc.program.version == 2 else None,
         deadline_margin_s=settings.deadline_margin_s,
         stale_after_s=settings.request_stale_s,
         crash_at=settings.crash_at,

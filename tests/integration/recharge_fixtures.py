@@ -35,9 +35,11 @@ def dapp_request(
     reason: Reason = Reason.USER_REQUEST,
     requester_secret: str | None = None,
     created_at: int | None = None,
+    namespace_id: int | None = None,
 ) -> NostrEvent:
     """A Request built as the dApp builds it, signed by a throw-away Nostr key."""
-    message = attrs.evolve(recharge_request(info, nonce, str(user.pubkey())), reason=reason)
+    request = recharge_request(info, nonce, str(user.pubkey()), namespace_id)
+    message = attrs.evolve(request, reason=reason)
     secret = requester_secret or Keypair().secret().hex()
     when = int(fixed_clock()) if created_at is None else created_at
     return seal(message, address, secret, created_at=when)

@@ -92,6 +92,7 @@ async def failure_of(controller: Controller, request_id: str) -> str:
         ("tampered_payload", "signature_invalid"),
         ("insufficient_funds", "insufficient_free_balance"),
         ("admin_reason", "admin_only"),
+        ("other_namespace", "not_for_this_machine"),
     ],
 )
 async def test_bad_requests_get_lock_failed_and_spend_nothing(
@@ -114,7 +115,8 @@ async def test_bad_requests_get_lock_failed_and_spend_nothing(
     elif case == "admin_reason":
         reason = Reason.ADMIN_REQUEST
     before = world.balances()
-    request = dapp_request(address, user, info, nonce, reason=reason)
+    namespace = 7 if case == "other_namespace" else None  # this chain is balance-payment v1
+    request = dapp_request(address, user, info, nonce, reason=reason, namespace_id=namespace)
     await controller.deliver(request)
 
     assert world.balances() == before

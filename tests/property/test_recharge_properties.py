@@ -72,3 +72,28 @@ def test_requests_for_other_machines_are_never_paid(machine: str) -> None:
 def test_other_messages_are_not_requests() -> None:
     event = seal(Transaction(USER, 5), ADDRESS, "11" * 32, created_at=NOW)
     assert screen(event, ADDRESS, admin=None, now=NOW, deadline_margin_s=0) is None
+
+
+@given(
+    signed_for=st.none() | st.integers(0, 2**64 - 1),
+    paid_in=st.none() | st.integers(0, 2**64 - 1),
+)
+def test_requests_signed_for_another_namespace_are_never_paid(
+    signed_for: int | None, paid_in: int | None
+) -> None:
+    """The chain checks the signature over the namespace the controller pays in (v2), or none
+    (v1): a Request stating another could only fail on chain, after costing a simulation."""
+    info = RecoverInfo(bytes(64), bytes(64), NOW + 600).to_json()
+    payload = RequestPayload(info, 0, USER, namespace_id=signed_for)
+    message = Request(DeviceStatus.WORKING, Reason.USER_REQUEST, "0" * 64, payload)
+    event = seal(message, ADDRESS, "11" * 32, created_at=NOW)
+    decision = screen(
+        event, ADDRESS, admin=None, now=NOW, deadline_margin_s=0, namespace_id=paid_in
+    )
+    if signed_for == paid_in:
+        assert isinstance(decision, Recharge)
+        assert decision.payload.namespace_id == paid_in
+    else:
+        assert isinstance(decision, Refused)
+        assert decision.reason is RefusalReason.NOT_FOR_THIS_MACHINE
+        assert "namespace" in decision.detail and decision.user == USER
