@@ -222,3 +222,27 @@ def test_keygen_and_outbox_mistakes_are_one_line_errors(
     result = dsproxy(env, "outbox")
     assert result.returncode == 2
     assert result.stderr.startswith("dsproxy: error: DSPROXY_NOSTR_KEY_FILE is not set")
+
+
+def test_a_reader_that_stops_early_ends_export_quietly(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    """`dsproxy export - | head -1`: the closed pipe ends the command as it ends a Unix
+    filter (status 141, as if killed by SIGPIPE), with no traceback."""
+    events = [credit(address, ALICE, tokens) for tokens in range(1, 401)]  # past a pipe's buffer
+    path = write_lines(tmp_path / "many.jsonl", [event.to_json() for event in events])
+    assert dsproxy(node_env, "import", str(path)).returncode == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dsproxy.entrypoints.cli", "export", "-"],
+        env={**os.environ, **node_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = json.loads(process.stdout.readline())
+    process.stdout.close()  # the reader is gone
+    with process.stderr:
+        stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, stderr
+    assert stderr == ""
+    assert first["id"] in {event.id for event in events}
