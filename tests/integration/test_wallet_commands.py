@@ -78,6 +78,17 @@ def test_authorize_prints_the_dapps_recover_info_bytes(
     assert out == recover["recover_info_json"] + "\n"
 
 
+def test_authorize_warns_of_a_deadline_already_passed(
+    capsys: pytest.CaptureFixture[str], user_file: Path
+) -> None:
+    keypair = ["--keypair", str(user_file), "--nonce", "0"]
+    code, out, err = _run(capsys, "wallet", "authorize", *keypair, "--deadline", "-1")
+    assert code == 0 and json.loads(out)["deadline"] == -1
+    assert "deadline -1 has passed" in err
+    code, out, err = _run(capsys, "wallet", "authorize", *keypair, "--deadline", "4102444800")
+    assert code == 0 and err == ""
+
+
 def test_register_deposit_status_withdraw_move_the_vault(
     capsys: pytest.CaptureFixture[str], user_file: Path, chain: LocalChain, parties: Parties
 ) -> None:
