@@ -18,7 +18,7 @@ from attrs import frozen
 from dsproxy.domain.payment import CRASH_POINTS
 from dsproxy.errors import ConfigError, MalformedMessage
 from dsproxy.wire.envelope import DEFAULT_SESSION
-from dsproxy.wire.messages import validate_user
+from dsproxy.wire.messages import I64_MAX, validate_user
 
 __all__ = ["PROGRAM_ID_V1", "Settings", "load_settings"]
 
@@ -296,4 +296,10 @@ def load_settings(
         else:
             raw, key = default, env_key
         values[name] = parse(raw, key)
+    credit = values["pay_amount_lamports"] * values["tokens_per_lamport"]
+    if credit > I64_MAX:  # every node would refuse such a credit: the user would pay for nothing
+        raise ConfigError(
+            f"pay_amount_lamports x tokens_per_lamport is {credit}: "
+            f"a Transaction carries at most {I64_MAX} tokens"
+        )
     return Settings(**values)
