@@ -89,7 +89,9 @@ async def run_import(settings_env: dict[str, str], path: Path) -> tuple[int, flo
     node = await open_ledger(settings)
     try:
         started = time.perf_counter()
-        report = await import_jsonl(path, node.store, address(settings))
+        report = await import_jsonl(
+            path, node.store, address(settings), content_bytes_max=settings.content_bytes_max
+        )
         stored_s = time.perf_counter() - started
         await node.projector.catch_up()
         total_s = time.perf_counter() - started

@@ -72,7 +72,13 @@ async def _import(path: Path, settings: Settings) -> int:
     node = await open_ledger(settings)
     try:
         with _progress_bar(None, "lines", "import") as bar:
-            report = await import_jsonl(path, node.store, address(settings), progress=bar.update)
+            report = await import_jsonl(
+                path,
+                node.store,
+                address(settings),
+                content_bytes_max=settings.content_bytes_max,
+                progress=bar.update,
+            )
         with _progress_bar(None, "events", "project") as bar:
             await node.projector.catch_up(bar.update)
     finally:

@@ -10,9 +10,10 @@ from pathlib import Path
 from attrs import define, field, frozen
 
 from dsproxy.adapters.event_store import AppendOutcome, AsyncEventStore
-from dsproxy.errors import BadInput, InvalidEvent
+from dsproxy.errors import BadInput
+from dsproxy.services.ingest import Refusal, admit
 from dsproxy.wire.envelope import Address
-from dsproxy.wire.event import NostrEvent, verify_event
+from dsproxy.wire.event import NostrEvent
 
 __all__ = ["ImportReport", "LineRefused", "import_jsonl"]
 
@@ -52,28 +53,22 @@ def _read_lines(path: Path, batch_lines: int) -> Iterator[list[tuple[int, bytes]
 
 
 def _verify_lines(
-    lines: list[tuple[int, bytes]], address: Address
+    lines: list[tuple[int, bytes]], address: Address, content_bytes_max: int
 ) -> tuple[list[tuple[int, NostrEvent]], list[LineRefused]]:
-    """Verify each line in full (id and signature); pure, so it can run on a worker thread."""
+    """Put each line through the door live events go through (id, signature, session, size,
+    JSON), so a ledger rebuilt from a file holds what ingest would have; pure, so it can run on
+    a worker thread."""
     good: list[tuple[int, NostrEvent]] = []
     refused: list[LineRefused] = []
     for number, line in lines:
         if len(line) > LINE_BYTES_MAX:
             refused.append(LineRefused(number, f"line is over {LINE_BYTES_MAX} bytes"))
             continue
-        try:
-            event = verify_event(line)
-        except InvalidEvent as exc:
-            refused.append(LineRefused(number, str(exc)))
-            continue
-        if not address.matches(event):
-            refused.append(
-                LineRefused(
-                    number, f"event {event.id} is not kind 1573 for this session and machine"
-                )
-            )
-            continue
-        good.append((number, event))
+        verdict = admit(line, address, content_bytes_max)
+        if isinstance(verdict, Refusal):
+            refused.append(LineRefused(number, verdict.reason))
+        else:
+            good.append((number, verdict))
     return good, refused
 
 
@@ -82,6 +77,7 @@ async def import_jsonl(
     store: AsyncEventStore,
     address: Address,
     *,
+    content_bytes_max: int,
     batch_lines: int = 5_000,
     progress: Callable[[int], None] | None = None,
 ) -> ImportReport:
@@ -97,8 +93,12 @@ async def import_jsonl(
         async def verify(lines: list[tuple[int, bytes]]) -> tuple[list, list]:
             half = len(lines) // 2
             first, second = await asyncio.gather(
-                loop.run_in_executor(verifiers, _verify_lines, lines[:half], address),
-                loop.run_in_executor(verifiers, _verify_lines, lines[half:], address),
+                loop.run_in_executor(
+                    verifiers, _verify_lines, lines[:half], address, content_bytes_max
+                ),
+                loop.run_in_executor(
+                    verifiers, _verify_lines, lines[half:], address, content_bytes_max
+                ),
             )
             return first[0] + second[0], first[1] + second[1]
 

@@ -79,7 +79,8 @@ def admit(
     if not address.matches(event):
         return Refusal(
             "off_session",
-            f"event {event.id}: kind {event.kind}, s={event.tag('s')!r}, p={event.tag('p')!r}",
+            f"event {event.id} is not kind 1573 for this session and machine: "
+            f"kind {event.kind}, s={event.tag('s')!r}, p={event.tag('p')!r}",
         )
     size = len(event.content.encode())
     if size > content_bytes_max:

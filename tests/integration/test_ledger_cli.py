@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsproxy.wire.envelope import Address
-from dsproxy.wire.event import NostrEvent
+from dsproxy.wire.envelope import DEPHY_KIND, Address
+from dsproxy.wire.event import NostrEvent, sign_event
 from tests.builders import credit, debit
 from tests.conftest import CONTROLLER_SECRET, STRANGER_SECRET
 
@@ -250,3 +250,24 @@ def test_a_reader_that_stops_early_ends_export_quietly(
     assert process.wait(timeout=120) == 141, stderr
     assert stderr == ""
     assert first["id"] in {event.id for event in events}
+
+
+def test_import_refuses_what_the_door_refuses(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    """A ledger rebuilt from a file holds what live ingest would have: content over
+    DSPROXY_CONTENT_BYTES_MAX and content that is not JSON are refused there too."""
+    tags = (("s", address.session), ("p", address.machine))
+    padded = json.dumps({"Transaction": {"user": ALICE, "tokens": 500}}) + " " * 300
+    lines = [
+        sign_event(CONTROLLER_SECRET, DEPHY_KIND, tags, padded, 1_700_000_001).to_json(),
+        sign_event(CONTROLLER_SECRET, DEPHY_KIND, tags, "not json", 1_700_000_002).to_json(),
+        credit(address, ALICE, 40).to_json(),
+    ]
+    env = {**node_env, "DSPROXY_CONTENT_BYTES_MAX": "256"}
+    result = dsproxy(env, "import", str(write_lines(tmp_path / "door.jsonl", lines)))
+    assert result.returncode == 1, result.stderr
+    assert "accepted 1, duplicate 0, refused 2" in result.stdout
+    assert "line 1:" in result.stdout and "over 256" in result.stdout
+    assert "line 2:" in result.stdout and "content is not JSON" in result.stdout
+    assert balance(env, ALICE)["balance"] == 40
