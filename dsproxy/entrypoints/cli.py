@@ -63,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        settings = load_settings(config_file=args.config, data_dir=args.data_dir)
+        if getattr(args, "own_settings", False):  # `demo`: the environment is not its business
+            settings = load_settings({})
+        else:
+            settings = load_settings(config_file=args.config, data_dir=args.data_dir)
         return int(args.run(args, settings))
     except DsproxyError as exc:
         print(f"dsproxy: error: {exc}", file=sys.stderr)

@@ -58,7 +58,7 @@ def add_commands(subparsers: Any) -> None:
         "--upstream-api-key-file", type=Path, metavar="FILE", help="its API key (with --upstream)"
     )
     parser.add_argument("--model", metavar="NAME", help="the model to sell (default: the demo's)")
-    parser.set_defaults(run=run_demo)
+    parser.set_defaults(run=run_demo, own_settings=True)
 
 
 def check_flags(args: argparse.Namespace) -> None:

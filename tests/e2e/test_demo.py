@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import signal
@@ -81,6 +82,8 @@ def running_demo(tmp_path: Path) -> Iterator[Demo]:
             stdout=subprocess.PIPE,
             stderr=errors,
             text=True,
+            # a demo ignores the environment: an operator's own settings, even broken, stay out
+            env={**os.environ, "DSPROXY_HTTP_PORT": "not-a-port", "DSPROXY_RELAYS": "ws://x:1"},
         )  # fmt: skip
     try:
         api, key, output = _wait_for_ready(process, log)
