@@ -514,6 +514,9 @@ class MeteredStreamResponse:
                         self.stream.delivered(chunk)
             except UpstreamError as exc:
                 error = exc
+            except Exception:  # a chunk we could not relay: end the stream properly all the same
+                log.exception("relaying a streamed answer failed")
+                error = UpstreamError("the model server sent a chunk that could not be relayed")
             charge = await asyncio.shield(self.stream.finish())
             tail = await self.render.end(charge, error)
             ended = True

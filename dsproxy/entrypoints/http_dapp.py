@@ -73,10 +73,11 @@ class DappStreamRender:
         self._stored: asyncio.Future[MessageRow] | None = None
 
     def chunk(self, chunk: StreamChunk) -> bytes | None:
+        choices = chunk.data.get("choices")
         text = "".join(
-            str(choice.get("delta", {}).get("content") or "")
-            for choice in chunk.data.get("choices") or ()
-            if isinstance(choice, dict)
+            str(choice["delta"].get("content") or "")
+            for choice in (choices if isinstance(choices, list) else ())
+            if isinstance(choice, dict) and isinstance(choice.get("delta"), dict)
         )
         if not text:
             return None

@@ -68,7 +68,7 @@ def build_app(backend: Backend) -> ASGIApp:
         assert isinstance(exc, HTTPException), exc
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = {"error": {"message": exc.detail, "type": kind, "param": None, "code": None}}
-        return json_response(body, exc.status_code)
+        return json_response(body, exc.status_code, headers=dict(exc.headers or {}))  # 405: Allow
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)

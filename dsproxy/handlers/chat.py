@@ -500,9 +500,9 @@ async def parse_chat_request(body: Any, catalog: ModelCatalog, tokenizer: Tokeni
             code="model_not_found",
         )
     messages = _check_messages(body.get("messages"))
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):  # null is the default, as OpenAI reads it
         raise InvalidParameter("only n = 1 is supported", param="n")
-    stream = body.get("stream", False)
+    stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
         raise InvalidParameter("stream must be a boolean", param="stream")
     options = body.get("stream_options") or {}

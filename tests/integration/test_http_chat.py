@@ -407,6 +407,20 @@ async def test_bad_input_is_an_openai_error_and_changes_nothing(
     assert read_debits(backend_settings, USER) == []
 
 
+async def test_explicit_nulls_mean_the_defaults_and_a_wrong_method_says_what_is_allowed(
+    client: httpx.AsyncClient, token: str
+) -> None:
+    """Some clients write every parameter, null for "the default", as OpenAI reads them."""
+    body = {"model": "deepseek-chat", "messages": messages("hi"), "stream": None, "n": None}
+    response = await post_chat(client, token, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+    response = await client.get("/v1/chat/completions", headers=bearer(token))
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
 async def test_malformed_json_and_oversized_bodies_are_refused(
     client: httpx.AsyncClient, token: str
 ) -> None:

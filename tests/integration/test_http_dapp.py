@@ -11,8 +11,10 @@ import httpx
 import orjson
 
 from dsproxy.adapters.tokenizer import Tokenizer
+from dsproxy.adapters.upstream import StreamChunk
 from dsproxy.config import Settings, load_settings
 from dsproxy.demo.upstream_model import DemoModel
+from dsproxy.entrypoints.http_dapp import DappStreamRender
 from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     USER_KEYS,
     WAIT_S_MAX,
@@ -183,3 +185,18 @@ async def test_bad_conversation_and_message_bodies_are_refused_and_charge_nothin
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
     assert (await balance(client, token))["balance"] == 1_000
+
+
+def test_chunks_without_a_delta_object_send_nothing_and_raise_nothing() -> None:
+    """`"delta": null` (or choices that are not a list) from an upstream once crashed the
+    stream after its charge: the client got a broken response."""
+    render = DappStreamRender(backend=None, conversation_id="c")  # type: ignore[arg-type]
+    for data in (
+        {"choices": [{"index": 0, "delta": None}]},
+        {"choices": [{"index": 0}]},
+        {"choices": 7},
+        {"choices": [{"delta": {"content": None}}]},
+    ):
+        assert render.chunk(StreamChunk(b"", data)) is None
+    sent = render.chunk(StreamChunk(b"", {"choices": [{"delta": {"content": "hi"}}]}))
+    assert sent == b'event: message\ndata: {"content":"hi"}\n\n' and render.parts == ["hi"]
