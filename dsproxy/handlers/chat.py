@@ -549,6 +549,13 @@ def _choice_texts(choices: Any, key: str) -> Iterator[str]:
                 yield str(function.get("name") or "") + str(function.get("arguments") or "")
 
 
+def _length_end(chunk: StreamChunk) -> StreamChunk:
+    """The last chunk of a stream stopped at the hold: no text, finish_reason "length"."""
+    data = {k: v for k, v in chunk.data.items() if k not in ("choices", "usage")}
+    data["choices"] = [{"index": 0, "delta": {}, "finish_reason": "length"}]
+    return StreamChunk(b"", data)
+
+
 class ChatStream:
     """A streamed chat in flight: content chunks out, then exactly one settlement."""
 
@@ -566,10 +573,16 @@ class ChatStream:
         self._texts: list[str] = []
         self._pending = 0  # chunks handed out and not yet marked delivered
         self._finish: asyncio.Task[Charge] | None = None
+        self._text_bytes = 0  # of everything handed out: a token is at least one byte
+        self._tokens_out: int | None = None  # counted once the bytes could pass the hold
 
     async def chunks(self) -> AsyncIterator[StreamChunk]:
-        """Chunks to send on (usage kept back); raises UpstreamError if the stream breaks."""
+        """Chunks to send on (usage kept back); raises UpstreamError if the stream breaks.
+
+        Output stops at what the hold pays for: a model whose reasoning `max_tokens` does not
+        bound (DeepSeek R1 as first served) would otherwise deliver more than is charged."""
         first = True
+        handed: list[str] = []
         async for chunk in self.upstream.chunks():
             if first:
                 self.handler.observe_latency(self._started_s)
@@ -580,9 +593,30 @@ class ChatStream:
                 if not chunk.data.get("choices"):
                     continue
                 chunk = StreamChunk(b"", {k: v for k, v in chunk.data.items() if k != "usage"})
+            texts = list(_choice_texts(chunk.data.get("choices"), "delta"))
+            if await self._passes_hold(handed, texts):
+                self._pending += 1
+                yield _length_end(chunk)
+                break
+            handed += texts
             self._pending += 1
             yield chunk
         self.complete = self._pending == 0
+
+    async def _passes_hold(self, handed: list[str], texts: list[str]) -> bool:
+        """Whether handing out these texts too would pass the hold's completion tokens."""
+        self._text_bytes += sum(len(text.encode()) for text in texts)
+        limit = self.hold.completion_tokens_max
+        if self._text_bytes <= limit:
+            return False  # no need to count: fewer bytes than tokens paid for
+        tokenizer = self.handler.tokenizer
+        if self._tokens_out is None:
+            self._tokens_out = await tokenizer.count_async("".join(handed))
+        added = sum(tokenizer.count(text) for text in texts)  # a chunk is a token or a few
+        if self._tokens_out + added > limit:
+            return True
+        self._tokens_out += added
+        return False
 
     def delivered(self, chunk: StreamChunk) -> None:
         """The chunk reached the client's connection: it counts towards the charge."""

@@ -137,6 +137,30 @@ async def test_sdk_stream_ends_with_a_usage_chunk_carrying_the_charge(
     assert (await balance(client, token))["balance"] == 1_000 - charged
 
 
+async def test_a_stream_stops_at_what_its_hold_pays_for_when_reasoning_runs_on(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
+) -> None:
+    """A reasoner whose chain of thought `max_tokens` does not bound (the demo model's, as
+    DeepSeek R1 was first served) once streamed 801 tokens for a charge of 20."""
+    said = "hi [[reason:300]] [[words:3]]"
+    stream = await sdk.chat.completions.create(
+        model="deepseek-chat",
+        messages=messages(said),
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+    assert reasoning and not "".join(d.content or "" for d in deltas)
+    assert tokenizer.count(reasoning) <= 5
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    charged = expected_charge(tokenizer, said, reasoning)
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == charged
+    assert (await balance(client, token))["balance"] == 1_000 - charged
+
+
 async def test_stream_without_include_usage_has_no_usage_chunk_but_is_charged(
     sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
 ) -> None:
