@@ -66,6 +66,21 @@ class Tokenizer:
             return self._remembered(text)
         return self._encode_count(text)
 
+    def truncate(self, text: str, tokens_max: int) -> str:
+        """The longest start of `text` that is at most `tokens_max` tokens."""
+        if tokens_max <= 0:
+            return ""
+        encoding = self._encoder.encode(text, add_special_tokens=False)
+        if len(encoding.ids) <= tokens_max:
+            return text
+        # cut where the first token left out starts (a character may be several byte tokens);
+        # a start encodes on its own at most as long, but check, stepping back if need be
+        for index in range(tokens_max, -1, -1):
+            kept = text[: encoding.offsets[index][0]]
+            if self._encode_count(kept) <= tokens_max:
+                return kept
+        return ""
+
     async def count_async(self, text: str) -> int:
         if len(text) <= _INLINE_CHARS_MAX:
             return self.count(text)

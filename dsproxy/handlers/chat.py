@@ -549,6 +549,24 @@ def _choice_texts(choices: Any, key: str) -> Iterator[str]:
                 yield str(function.get("name") or "") + str(function.get("arguments") or "")
 
 
+def _trim_to_hold(answer: dict[str, Any], tokens_max: int, tokenizer: Tokenizer) -> int:
+    """Cut an answer longer than its hold pays for (a reasoner whose chain of thought
+    `max_tokens` does not bound) to `tokens_max`, reasoning first as it was written; tool calls
+    go, being incomplete. Returns the tokens kept."""
+    kept = 0
+    for choice in answer.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        for key in ("reasoning_content", "content"):
+            if isinstance(message.get(key), str):
+                message[key] = tokenizer.truncate(message[key], tokens_max - kept)
+                kept += tokenizer.count(message[key])
+        message.pop("tool_calls", None)
+        choice["finish_reason"] = "length"
+    return kept
+
+
 def _length_end(chunk: StreamChunk) -> StreamChunk:
     """The last chunk of a stream stopped at the hold: no text, finish_reason "length"."""
     data = {k: v for k, v in chunk.data.items() if k not in ("choices", "usage")}
@@ -695,11 +713,21 @@ class ChatHandler:
         charge = await asyncio.shield(settle)  # a disconnect now must not leave the hold open
         return answer, charge
 
-    async def _charge_answer(self, hold: OpenHold, answer: Mapping[str, Any]) -> Charge:
+    async def _charge_answer(self, hold: OpenHold, answer: dict[str, Any]) -> Charge:
         usage = _usage_of(answer)
-        if usage is None:
+        if usage is None or usage.completion_tokens > hold.completion_tokens_max:
             text = "".join(_choice_texts(answer.get("choices"), "message"))
-            usage = Usage(hold.prompt_tokens, await self.tokenizer.count_async(text))
+            completion = await self.tokenizer.count_async(text)
+            if completion > hold.completion_tokens_max:  # the model did not keep to max_tokens
+                completion = _trim_to_hold(answer, hold.completion_tokens_max, self.tokenizer)
+            prompt = hold.prompt_tokens if usage is None else usage.prompt_tokens
+            usage = Usage(prompt, completion)
+            if isinstance(answer.get("usage"), dict):  # what was delivered, and is charged
+                answer["usage"].update(
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    total_tokens=prompt + completion,
+                )
         return await self.charge(hold, usage)
 
     async def stream(self, user: str, request: ChatRequest) -> ChatStream:

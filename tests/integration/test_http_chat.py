@@ -161,6 +161,22 @@ async def test_a_stream_stops_at_what_its_hold_pays_for_when_reasoning_runs_on(
     assert (await balance(client, token))["balance"] == 1_000 - charged
 
 
+async def test_an_answer_longer_than_its_hold_is_cut_to_what_the_hold_pays_for(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
+) -> None:
+    said = "hi [[reason:300]] [[words:3]]"
+    answer = await sdk.chat.completions.create(
+        model="deepseek-chat", messages=messages(said), max_tokens=5
+    )
+    message = answer.choices[0].message
+    reasoning = (message.model_extra or {})["reasoning_content"]
+    assert reasoning.startswith("r0 r1") and tokenizer.count(reasoning) == 5
+    assert not message.content and answer.choices[0].finish_reason == "length"
+    charged = expected_charge(tokenizer, said, reasoning)
+    assert answer.usage is not None and answer.usage.total_tokens == charged
+    assert (await balance(client, token))["balance"] == 1_000 - charged
+
+
 async def test_stream_without_include_usage_has_no_usage_chunk_but_is_charged(
     sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
 ) -> None:

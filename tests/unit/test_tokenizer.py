@@ -31,3 +31,15 @@ def test_a_conversation_is_counted_the_same_on_every_turn(warm: Tokenizer) -> No
     assert warm.count_prompt([*history, long_message]) == first
     changed = [*history[:-1], {"role": "assistant", "content": "turn 19 changed"}, long_message]
     assert warm.count_prompt(changed) != first
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=300), tokens_max=st.integers(0, 80))
+def test_truncate_keeps_a_start_of_the_text_within_the_tokens(
+    warm: Tokenizer, text: str, tokens_max: int
+) -> None:
+    kept = warm.truncate(text, tokens_max)
+    assert text.startswith(kept)
+    assert warm.count(kept) <= tokens_max
+    if warm.count(text) <= tokens_max:
+        assert kept == text
