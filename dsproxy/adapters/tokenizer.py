@@ -19,7 +19,13 @@ from typing import Any
 import orjson
 import tokenizers
 
-__all__ = ["TEMPLATE_TOKENS_PER_MESSAGE", "TEMPLATE_TOKENS_PER_PROMPT", "Tokenizer", "message_text"]
+__all__ = [
+    "TEMPLATE_TOKENS_PER_MESSAGE",
+    "TEMPLATE_TOKENS_PER_PROMPT",
+    "Tokenizer",
+    "message_text",
+    "prompt_schemas",
+]
 
 TEMPLATE_TOKENS_PER_MESSAGE = 4
 TEMPLATE_TOKENS_PER_PROMPT = 3
@@ -40,12 +46,23 @@ def message_text(message: Mapping[str, Any]) -> str:
             for part in content
             if isinstance(part, Mapping) and part.get("type") == "text"
         )
-    for key in ("name", "reasoning_content"):
+    for key in ("name", "reasoning_content", "tool_call_id"):
         if isinstance(message.get(key), str):
             parts.append(message[key])
     if message.get("tool_calls"):
         parts.append(orjson.dumps(message["tool_calls"]).decode())
     return "\n".join(parts)
+
+
+def prompt_schemas(body: Mapping[str, Any]) -> list[Any]:
+    """What a chat request carries besides its messages that the model reads too: tool and
+    function definitions, and a response format's JSON schema."""
+    response_format = body.get("response_format")
+    return [
+        *(body.get("tools") or ()),
+        *(body.get("functions") or ()),
+        *([response_format] if response_format else ()),
+    ]
 
 
 class Tokenizer:

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dsproxy.adapters.tokenizer import Tokenizer
+from dsproxy.adapters.tokenizer import Tokenizer, prompt_schemas
 
 __all__ = ["DEMO_MODELS", "DemoModel", "main"]
 
@@ -124,7 +124,7 @@ class DemoModel:
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 4096
         deltas, finish_reason = self._reply(directives.get("words", 12), int(max_tokens))
         reasoning = [f"r{index} " for index in range(directives.get("reason", 0))]
-        prompt_tokens = self.tokenizer.count_prompt(messages, body.get("tools"))
+        prompt_tokens = self.tokenizer.count_prompt(messages, prompt_schemas(body))
         completion = self.tokenizer.count("".join(reasoning) + "".join(deltas))
         usage = {
             "prompt_tokens": prompt_tokens,

@@ -23,7 +23,7 @@ from attrs import define, evolve, frozen
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.holds_projection import open_holds, unissued_charges
 from dsproxy.adapters.projection_db import ProjectionDb
-from dsproxy.adapters.tokenizer import Tokenizer
+from dsproxy.adapters.tokenizer import Tokenizer, prompt_schemas
 from dsproxy.adapters.upstream import StreamChunk, Upstream, UpstreamStream
 from dsproxy.domain.chat_facts import DebitIssued, Hold, HoldOutcome
 from dsproxy.domain.metering import (
@@ -485,6 +485,16 @@ def _check_messages(messages: Any) -> list[Mapping[str, Any]]:
                 f"messages[{index}].content must be a string or an array",
                 param=f"messages[{index}].content",
             )
+        for place, part in enumerate(content if isinstance(content, list) else ()):
+            if not (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):  # an image or a sound is billed by the model, and cannot be estimated here
+                raise InvalidParameter(
+                    f"messages[{index}].content[{place}]: only text parts are supported",
+                    param=f"messages[{index}].content[{place}]",
+                )
     return messages
 
 
@@ -511,8 +521,15 @@ async def parse_chat_request(body: Any, catalog: ModelCatalog, tokenizer: Tokeni
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise InvalidParameter("tools must be an array", param="tools")
+    functions = body.get("functions")  # the older spelling of tools, still read by models
+    if functions is not None and not isinstance(functions, list):
+        raise InvalidParameter("functions must be an array", param="functions")
+    response_format = body.get("response_format")  # a JSON schema the model reads
+    if response_format is not None and not isinstance(response_format, dict):
+        raise InvalidParameter("response_format must be an object", param="response_format")
+    schemas = prompt_schemas(body)
     asked = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
-    prompt_tokens = await tokenizer.count_prompt_async(messages, tools)
+    prompt_tokens = await tokenizer.count_prompt_async(messages, schemas)
     window = catalog.context_window(model)
     if prompt_tokens >= window:
         raise ContextTooLong(

@@ -425,6 +425,23 @@ async def test_a_client_gone_while_the_answer_waits_in_buffers_pays_only_what_it
         ),
         ({"model": "deepseek-chat", "messages": messages("hi"), "stream": "yes"}, 400, "stream"),
         ([1, 2], 400, "body"),
+        (  # the model bills an image; dsproxy could not estimate it, so the hold would not cover it
+            {
+                "model": "deepseek-chat",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "what is this?"},
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                        ],
+                    }
+                ],
+            },
+            400,
+            "messages[0].content[1]",
+        ),
+        ({"model": "deepseek-chat", "messages": messages("hi"), "functions": {}}, 400, "functions"),
         (  # orjson reads this nesting but could not write it on to the upstream
             {"model": "deepseek-chat", "messages": messages("hi"), "tools": _deep(300)},
             400,
@@ -459,6 +476,29 @@ async def test_explicit_nulls_mean_the_defaults_and_a_wrong_method_says_what_is_
     assert response.status_code == 405
     assert response.headers["allow"] == "POST"
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_function_and_schema_definitions_are_in_the_hold(
+    client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
+) -> None:
+    """The model reads them as it reads the messages, and bills them the same way: a schema
+    the balance cannot pay for is a 402 before the model is called."""
+    said = [{"role": "user", "content": [{"type": "text", "text": "hi [[words:2]]"}]}]
+    functions = [{"name": "lookup", "parameters": {"type": "object"}}]
+    small = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["a b"]}}}
+    body = {"model": "deepseek-chat", "messages": said, "functions": functions}
+    response = await post_chat(client, token, {**body, "response_format": small})
+    assert response.status_code == 200, response.text
+    expected_prompt = tokenizer.count_prompt(said, [*functions, small])
+    assert response.json()["usage"]["prompt_tokens"] == expected_prompt
+    assert expected_prompt > tokenizer.count_prompt(said)
+    left = (await balance(client, token))["available"]
+    words = " ".join(f"w{index}" for index in range(left))  # a token or more each
+    large = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": [words]}}}
+    response = await post_chat(client, token, {**body, "response_format": large})
+    assert response.status_code == 402
+    assert response.json()["error"]["code"] == "insufficient_balance"
+    assert (await balance(client, token))["available"] == left
 
 
 async def test_malformed_json_and_oversized_bodies_are_refused(
