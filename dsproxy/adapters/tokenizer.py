@@ -3,8 +3,8 @@
 
 The prompt count is an estimate of what the model will read: the text of every message plus a
 small allowance per message for the chat template, so a hold is rarely smaller than the bill.
-A short message takes ~30 us; long texts are counted on a worker thread so the event loop never
-stalls. Counts of texts up to 8 KiB are remembered: a conversation resends its whole history
+A short message takes ~30 us; long texts are counted on a worker thread with `encode_batch`,
+which lets the GIL go, so the event loop never stalls. Counts of texts up to 8 KiB are remembered: a conversation resends its whole history
 with every turn, and only the new message needs counting.
 """
 
@@ -74,7 +74,12 @@ class Tokenizer:
         self._remembered = functools.lru_cache(maxsize=_CACHED_TEXTS_MAX)(self._encode_count)
 
     def _encode_count(self, text: str) -> int:
-        return len(self._encoder.encode(text, add_special_tokens=False))
+        if len(text) <= _INLINE_CHARS_MAX:
+            return len(self._encoder.encode(text, add_special_tokens=False))
+        # `encode` keeps the GIL while it runs (a megabyte stalled the event loop for half a
+        # second even from a worker thread); `encode_batch` lets it go
+        (encoding,) = self._encoder.encode_batch([text], add_special_tokens=False)
+        return len(encoding.ids)
 
     def count(self, text: str) -> int:
         if not text:
@@ -105,6 +110,12 @@ class Tokenizer:
 
     def count_message(self, message: Mapping[str, Any]) -> int:
         return self.count(message_text(message)) + TEMPLATE_TOKENS_PER_MESSAGE
+
+    async def count_messages_async(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Each message's count; long conversations are counted on a worker thread."""
+        if sum(len(message_text(m)) for m in messages) <= _INLINE_CHARS_MAX:
+            return [self.count_message(m) for m in messages]
+        return await asyncio.to_thread(lambda: [self.count_message(m) for m in messages])
 
     def count_prompt(
         self, messages: Sequence[Mapping[str, Any]], tools: Iterable[Any] | None = None

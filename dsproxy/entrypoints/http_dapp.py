@@ -165,29 +165,31 @@ def routes(backend: Backend) -> list[Route]:
         model = body.get("model") or conversation.model
         if model not in catalog.models:
             raise InvalidParameter(f"no model {model!r}", param="model", code="model_not_found")
-        history = await backend.accounts.messages(
-            conversation.id, settings.conversation_messages_max
-        )
-        messages = [{"role": row.role, "content": row.content} for row in history if row.content]
-        messages.append({"role": "user", "content": content})
-        window = catalog.context_window(model)
-        reply_tokens = min(catalog.completion_tokens_max, max(1, window // 4))
-        counts = [backend.tokenizer.count_message(message) for message in messages]
-        start = trim_to_window(counts, window - reply_tokens - TEMPLATE_TOKENS_PER_PROMPT)
-        if start is None:
-            raise ContextTooLong(
-                f"this message alone is about {counts[-1]} tokens; {model} reads at most "
-                f"{window - reply_tokens} besides its answer"
-            )
-        upstream_body = {
-            "model": model,
-            "messages": messages[start:],
-            "stream": True,
-            "max_tokens": reply_tokens,
-        }
-        chat = await backend.chats.prepare(upstream_body)
 
         async def work(ticket: UserTicket) -> MeteredStreamResponse:
+            # the history is counted under the user's limits, off the event loop when long
+            history = await backend.accounts.messages(
+                conversation.id, settings.conversation_messages_max
+            )
+            messages = [{"role": row.role, "content": row.content} for row in history]
+            messages = [message for message in messages if message["content"]]
+            messages.append({"role": "user", "content": content})
+            window = catalog.context_window(model)
+            reply_tokens = min(catalog.completion_tokens_max, max(1, window // 4))
+            counts = await backend.tokenizer.count_messages_async(messages)
+            start = trim_to_window(counts, window - reply_tokens - TEMPLATE_TOKENS_PER_PROMPT)
+            if start is None:
+                raise ContextTooLong(
+                    f"this message alone is about {counts[-1]} tokens; {model} reads at most "
+                    f"{window - reply_tokens} besides its answer"
+                )
+            upstream_body = {
+                "model": model,
+                "messages": messages[start:],
+                "stream": True,
+                "max_tokens": reply_tokens,
+            }
+            chat = await backend.chats.prepare(upstream_body)
             stream = await backend.chats.stream(user, chat)
             try:
                 await backend.accounts.add_message(conversation.id, "user", content, 0, now_s())

@@ -77,9 +77,10 @@ def routes(backend: Backend) -> list[Route]:
     async def chat_completions(request: Request) -> Response | MeteredStreamResponse:
         user = await authenticate(request, backend)
         body = await read_json(request, backend.settings.request_bytes_max)
-        chat = await backend.chats.prepare(body)
 
         async def work(ticket: UserTicket) -> Response | MeteredStreamResponse:
+            # counting the prompt is the costly part of a refusal: it waits for the user's limits
+            chat = await backend.chats.prepare(body)
             if chat.stream:
                 stream = await backend.chats.stream(user, chat)
                 held = {"x-dsproxy-tokens-held": str(stream.hold.tokens)}

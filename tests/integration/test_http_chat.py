@@ -559,6 +559,11 @@ async def test_requests_per_minute_are_limited_per_user(
             assert refused.json()["error"]["code"] == "rate_limit_exceeded"
             assert int(refused.headers["retry-after"]) >= 1
             assert (await post_chat(http, other, body)).status_code == 200
+            # a prompt too long to serve costs the server its counting: it counts as a request
+            third = await funded(http, settings, USER_KEYS[2], 1_000)
+            too_long = {"model": "deepseek-chat", "messages": messages("word " * 200_000)}
+            statuses = [(await post_chat(http, third, too_long)).status_code for _ in range(3)]
+            assert statuses == [400, 400, 429]
 
 
 async def test_concurrent_requests_are_limited_per_user(

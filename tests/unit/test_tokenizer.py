@@ -43,3 +43,11 @@ def test_truncate_keeps_a_start_of_the_text_within_the_tokens(
     assert warm.count(kept) <= tokens_max
     if warm.count(text) <= tokens_max:
         assert kept == text
+
+
+def test_long_texts_count_the_same_through_the_batch_encoder(warm: Tokenizer) -> None:
+    """Past 2,000 characters counting goes through `encode_batch` (it lets the GIL go, so a
+    worker thread counting a megabyte no longer stalls the event loop): same counts."""
+    for text in ("hello wörld 长文本 " * 400, "x" * 2_001, "a b\n" * 5_000):
+        expected = len(warm._encoder.encode(text, add_special_tokens=False).ids)
+        assert warm.count(text) == expected
