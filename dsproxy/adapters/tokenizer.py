@@ -4,8 +4,9 @@
 The prompt count is an estimate of what the model will read: the text of every message plus a
 small allowance per message for the chat template, so a hold is rarely smaller than the bill.
 A short message takes ~30 us; long texts are counted on a worker thread with `encode_batch`,
-which lets the GIL go, so the event loop never stalls. Counts of texts up to 8 KiB are remembered: a conversation resends its whole history
-with every turn, and only the new message needs counting.
+which lets the GIL go, so the event loop never stalls. Counts of texts up to 8,192 characters
+are remembered: a conversation resends its whole history with every turn, and only the new
+message needs counting.
 """
 
 from __future__ import annotations

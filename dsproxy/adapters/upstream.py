@@ -215,13 +215,16 @@ class Upstream:
             response = await self._send(request, stream=True)
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
-        if response.status_code != 200:
+        json_answer = response.headers.get("content-type", "").startswith("application/json")
+        if response.status_code != 200 or json_answer:  # some servers say 200 over an error
             try:
                 content = await response.aread()
             except httpx.HTTPError:
                 content = b""
             finally:
                 await response.aclose()
+            if response.status_code == 200:
+                raise UpstreamError(f"the model server answered with no stream: {_detail(content)}")
             raise error_for_status(response.status_code, content)
         return UpstreamStream(response)
 

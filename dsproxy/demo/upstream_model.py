@@ -8,6 +8,7 @@ Test directives, written anywhere in the last message, change its behaviour:
 
     [[words:N]]      answer with N words (default 12)
     [[fail:STATUS]]  answer with that HTTP error status and an OpenAI-shaped error body
+                     (`[[fail:200]]`: the error body with status 200, as some servers send)
     [[cut:N]]        stream N words, then drop the connection (no usage, no [DONE])
     [[pause:N]]      stream N words, then wait `pause_s` before going on (a slow model)
     [[omit-usage]]   never report usage

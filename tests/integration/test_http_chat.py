@@ -285,6 +285,21 @@ async def test_a_cut_before_any_word_charges_nothing(client: httpx.AsyncClient, 
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_an_error_the_model_server_sends_with_status_200_charges_nothing(
+    client: httpx.AsyncClient, token: str, stream: bool
+) -> None:
+    """Not a 200 stream that ends in a meaningless error: an HTTP error with its words."""
+    body = {"model": "deepseek-chat", "messages": messages("hi [[fail:200]]"), "stream": stream}
+    response = await post_chat(client, token, body)
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["type"] == "upstream_error"
+    if stream:
+        assert "failing as asked" in error["message"]
+    assert (await balance(client, token))["balance"] == 1_000
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_missing_usage_is_counted_locally(
     client: httpx.AsyncClient, token: str, tokenizer: Tokenizer, stream: bool
 ) -> None:
