@@ -205,6 +205,8 @@ class Upstream:
         except orjson.JSONDecodeError:
             raise UpstreamError("the model server's answer is not JSON") from None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            if isinstance(data, dict) and "error" in data:  # an error sent with status 200
+                raise UpstreamError(f"the model server failed: {_detail(response.content)}")
             raise UpstreamError("the model server's answer has no choices")
         return data
 

@@ -21,7 +21,7 @@ from dsproxy.entrypoints.http_api import (
     run_admitted,
     unless_disconnected,
 )
-from dsproxy.errors import UpstreamError
+from dsproxy.errors import InvalidParameter, UpstreamError
 from dsproxy.handlers.chat import Charge, ChatRequest, ChatStream, UserTicket
 
 __all__ = ["OpenAIStreamRender", "routes"]
@@ -95,13 +95,27 @@ def routes(backend: Backend) -> list[Route]:
 
     async def models(request: Request) -> Response:
         await authenticate(request, backend)
-        data = [
-            {"id": model, "object": "model", "created": 0, "owned_by": "dsproxy"}
-            for model in backend.catalog.models
-        ]
+        data = [_model_json(model) for model in backend.catalog.models]
         return json_response({"object": "list", "data": data})
+
+    async def model(request: Request) -> Response:
+        """`client.models.retrieve(name)` in the SDK."""
+        await authenticate(request, backend)
+        name = request.path_params["name"]
+        if name not in backend.catalog.models:
+            raise InvalidParameter(
+                f"the model {name!r} does not exist; GET /v1/models lists them",
+                param="model",
+                code="model_not_found",
+            )
+        return json_response(_model_json(name))
 
     return [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
     ]
+
+
+def _model_json(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "dsproxy"}

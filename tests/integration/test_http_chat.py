@@ -294,8 +294,7 @@ async def test_an_error_the_model_server_sends_with_status_200_charges_nothing(
     assert response.status_code == 502, response.text
     error = response.json()["error"]
     assert error["type"] == "upstream_error"
-    if stream:
-        assert "failing as asked" in error["message"]
+    assert "failing as asked" in error["message"]
     assert (await balance(client, token))["balance"] == 1_000
 
 
@@ -552,6 +551,14 @@ async def test_missing_or_wrong_credentials_are_401(client: httpx.AsyncClient) -
     response = await post_chat(client, "dsk-not-a-key", body)
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "authentication_error"
+
+
+async def test_a_model_is_retrieved_by_name(sdk: openai.AsyncOpenAI) -> None:
+    model = await sdk.models.retrieve("deepseek-chat")
+    assert model.id == "deepseek-chat" and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as raised:
+        await sdk.models.retrieve("no-such-model")
+    assert raised.value.code == "model_not_found"
 
 
 async def test_models_lists_the_configured_models(sdk: openai.AsyncOpenAI) -> None:
