@@ -18,11 +18,16 @@ from attrs import frozen
 from dsproxy.domain.payment import CRASH_POINTS
 from dsproxy.errors import ConfigError, MalformedMessage
 from dsproxy.wire.envelope import DEFAULT_SESSION
-from dsproxy.wire.messages import I64_MAX, validate_user
+from dsproxy.wire.messages import validate_user
 
-__all__ = ["PROGRAM_ID_V1", "Settings", "load_settings"]
+__all__ = ["CREDIT_TOKENS_MAX", "PROGRAM_ID_V1", "Settings", "load_settings"]
 
 PROGRAM_ID_V1 = "GguVKxU88NUe3GLtns7Uaa6a8Pjb9USKq3WD1rjZnPS9"
+
+CREDIT_TOKENS_MAX = 2**53 - 1
+"""The largest recharge credit: JavaScript (the dApp) reads integers exactly up to here, and a
+balance has room for a thousand of them before it passes what a Transaction can carry."""
+
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -297,9 +302,10 @@ def load_settings(
             raw, key = default, env_key
         values[name] = parse(raw, key)
     credit = values["pay_amount_lamports"] * values["tokens_per_lamport"]
-    if credit > I64_MAX:  # every node would refuse such a credit: the user would pay for nothing
+    if credit > CREDIT_TOKENS_MAX:  # past 2^63 every node would refuse a credit, or the sum of
+        # a user's credits, and the user would pay for nothing; past 2^53 the dApp misreads it
         raise ConfigError(
             f"pay_amount_lamports x tokens_per_lamport is {credit}: "
-            f"a Transaction carries at most {I64_MAX} tokens"
+            f"a recharge may credit at most {CREDIT_TOKENS_MAX} tokens (2^53 - 1)"
         )
     return Settings(**values)

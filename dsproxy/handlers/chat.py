@@ -560,7 +560,8 @@ def _choice_texts(choices: Any, key: str) -> Iterator[str]:
         for name in ("content", "reasoning_content"):
             if isinstance(part.get(name), str):
                 yield part[name]
-        for call in part.get("tool_calls") or ():
+        calls = part.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
                 yield str(function.get("name") or "") + str(function.get("arguments") or "")
@@ -630,6 +631,11 @@ class ChatStream:
                 chunk = StreamChunk(b"", {k: v for k, v in chunk.data.items() if k != "usage"})
             texts = list(_choice_texts(chunk.data.get("choices"), "delta"))
             if await self._passes_hold(handed, texts):
+                # what the model wrote up to here, as it bills it (reasoning the route does not
+                # show included), not the usage of the chunk held back
+                tokens = await self.handler.tokenizer.count_async("".join(handed))
+                prompt = self.usage.prompt_tokens if self.usage else self.hold.prompt_tokens
+                self.usage = Usage(prompt, tokens) if tokens else None
                 self._pending += 1
                 yield _length_end(chunk)
                 break
@@ -648,9 +654,12 @@ class ChatStream:
         if self._tokens_out is None:
             self._tokens_out = await tokenizer.count_async("".join(handed))
         added = sum(tokenizer.count(text) for text in texts)  # a chunk is a token or a few
-        if self._tokens_out + added > limit:
-            return True
-        self._tokens_out += added
+        if self._tokens_out + added > limit:  # counted in pieces: make sure before stopping
+            self._tokens_out = await tokenizer.count_async("".join(handed + texts))
+            if self._tokens_out > limit:
+                return True
+        else:
+            self._tokens_out += added
         return False
 
     def delivered(self, chunk: StreamChunk) -> None:
@@ -731,21 +740,34 @@ class ChatHandler:
         return answer, charge
 
     async def _charge_answer(self, hold: OpenHold, answer: dict[str, Any]) -> Charge:
-        usage = _usage_of(answer)
-        if usage is None or usage.completion_tokens > hold.completion_tokens_max:
-            text = "".join(_choice_texts(answer.get("choices"), "message"))
-            completion = await self.tokenizer.count_async(text)
-            if completion > hold.completion_tokens_max:  # the model did not keep to max_tokens
-                completion = _trim_to_hold(answer, hold.completion_tokens_max, self.tokenizer)
-            prompt = hold.prompt_tokens if usage is None else usage.prompt_tokens
-            usage = Usage(prompt, completion)
-            if isinstance(answer.get("usage"), dict):  # what was delivered, and is charged
-                answer["usage"].update(
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    total_tokens=prompt + completion,
-                )
+        try:
+            usage = await self._usage_delivered(hold, answer)
+        except Exception:  # an answer we cannot read is not delivered: nothing is charged
+            log.exception("reading a model answer failed")
+            await self._release(hold, "the model server's answer could not be read")
+            raise UpstreamError("the model server's answer could not be read") from None
         return await self.charge(hold, usage)
+
+    async def _usage_delivered(self, hold: OpenHold, answer: dict[str, Any]) -> Usage:
+        """The upstream's usage (the charge caps it at the hold), counted here when it sent
+        none, and for an answer cut to the hold (see `_trim_to_hold`) what is left of it."""
+        usage = _usage_of(answer)
+        if usage is not None and usage.completion_tokens <= hold.completion_tokens_max:
+            return usage
+        text = "".join(_choice_texts(answer.get("choices"), "message"))
+        completion = await self.tokenizer.count_async(text)
+        if completion <= hold.completion_tokens_max:
+            return usage or Usage(hold.prompt_tokens, completion)  # hidden tokens: capped
+        limit = hold.completion_tokens_max
+        completion = await asyncio.to_thread(_trim_to_hold, answer, limit, self.tokenizer)
+        prompt = hold.prompt_tokens if usage is None else usage.prompt_tokens
+        if isinstance(answer.get("usage"), dict):  # what was delivered, and is charged
+            answer["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+        return Usage(prompt, completion)
 
     async def stream(self, user: str, request: ChatRequest) -> ChatStream:
         """Open a streamed chat; an upstream error here has charged nothing."""

@@ -606,3 +606,17 @@ async def test_concurrent_requests_are_limited_per_user(
                 body = {"model": "deepseek-chat", "messages": messages("hi")}
                 second = await post_chat(http, session, body)
                 assert second.status_code == 429
+
+
+def test_texts_of_odd_choices_are_read_without_failing() -> None:
+    """A `tool_calls` that is not a list once made reading an answer fail with its hold open."""
+    from dsproxy.handlers.chat import _choice_texts
+
+    odd = [
+        {"message": {"content": "a", "tool_calls": 1}},
+        {"message": {"tool_calls": [{"function": {"name": "f", "arguments": "{}"}}, 7]}},
+        {"message": None},
+        "choice",
+    ]
+    assert list(_choice_texts(odd, "message")) == ["a", "f{}"]
+    assert list(_choice_texts({"message": {}}, "message")) == []

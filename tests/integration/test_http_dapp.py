@@ -200,3 +200,21 @@ def test_chunks_without_a_delta_object_send_nothing_and_raise_nothing() -> None:
         assert render.chunk(StreamChunk(b"", data)) is None
     sent = render.chunk(StreamChunk(b"", {"choices": [{"delta": {"content": "hi"}}]}))
     assert sent == b'event: message\ndata: {"content":"hi"}\n\n' and render.parts == ["hi"]
+
+
+async def test_reasoning_stopped_at_the_hold_is_charged_as_the_model_bills_it(
+    node_env: dict[str, str], demo_url: str, tokenizer: Tokenizer
+) -> None:
+    """The dApp shows no reasoning, yet the model wrote it and bills it: a stream stopped at
+    what the hold pays for is charged what was handed out, never nothing."""
+    settings = load_settings(backend_env(node_env, demo_url, DSPROXY_COMPLETION_TOKENS_MAX="5"))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            token = await funded(http, settings, WALLET, 1_000)
+            conversation = await new_conversation(http, token)
+            said = "hi [[reason:300]] [[words:3]]"
+            events = sse_events((await say(http, token, conversation, said)).content)
+            assert [name for name, _ in events] == ["done"]  # only reasoning, none shown
+            prompt = tokenizer.count_prompt([{"role": "user", "content": said}])
+            assert events[-1][1]["tokens_charged"] == prompt + 5  # r0 .. : five tokens
+            assert (await balance(http, token))["balance"] == 1_000 - prompt - 5

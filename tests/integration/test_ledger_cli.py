@@ -199,7 +199,7 @@ def test_configuration_of_the_wrong_type_or_range_is_refused(
         ("http_port = 70000", "http_port has 70000: must be at most 65535"),
         (  # the controller's credits would be refused by every node, its own included
             "pay_amount_lamports = 5000000\ntokens_per_lamport = 2000000000000000",
-            "a Transaction carries at most 9223372036854775807 tokens",
+            "a recharge may credit at most 9007199254740991 tokens",
         ),
     ):
         config.write_text(line + "\n")
