@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import sys
 from collections.abc import Sequence
@@ -74,10 +75,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        if not _reader_gone():
+            raise  # another pipe or a socket broke: an error worth its traceback
         # the reader went away (`dsproxy export - | head`): stop as a Unix filter does; stdout
         # goes to /dev/null so that flushing it at exit does not fail once more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+
+
+def _reader_gone() -> bool:
+    """Whether whoever reads our standard output has closed it."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":
