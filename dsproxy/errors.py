@@ -235,6 +235,10 @@ class UpstreamQuotaExhausted(UpstreamError):
 class UpstreamRateLimited(UpstreamError):
     """The model server rate-limits the operator (429); retrying later may work."""
 
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # as the model server said, passed on to the client
+
 
 class UpstreamCut(UpstreamError):
     """A streamed answer ended without its end marker (connection lost, malformed chunk)."""

@@ -46,7 +46,18 @@ def _detail(body: bytes) -> str:
         return body[:200].decode(errors="replace")
 
 
-def error_for_status(status: int, body: bytes) -> UpstreamError:
+def _seconds(retry_after: str | None) -> int | None:
+    """A `retry-after` in seconds (an HTTP date is not passed on), at most an hour."""
+    if (
+        retry_after is None
+        or not retry_after.strip().isascii()
+        or not retry_after.strip().isdigit()
+    ):
+        return None
+    return min(int(retry_after.strip()), 3600)
+
+
+def error_for_status(status: int, body: bytes, retry_after: str | None = None) -> UpstreamError:
     """Our error for an upstream error status (its message is logged, not shown, for 401/402)."""
     detail = _detail(body)
     if status in (400, 404, 413, 422):
@@ -57,7 +68,9 @@ def error_for_status(status: int, body: bytes) -> UpstreamError:
     if status == 402:
         return UpstreamQuotaExhausted("this service's account at the model server is exhausted")
     if status == 429:
-        return UpstreamRateLimited("the model server is rate-limiting this service")
+        return UpstreamRateLimited(
+            "the model server is rate-limiting this service", retry_after_s=_seconds(retry_after)
+        )
     return UpstreamError(f"the model server failed with status {status}")
 
 
@@ -197,7 +210,9 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
         if response.status_code != 200:
-            raise error_for_status(response.status_code, response.content)
+            raise error_for_status(
+                response.status_code, response.content, response.headers.get("retry-after")
+            )
         if len(response.content) > RESPONSE_BYTES_MAX:
             raise UpstreamError("the model server's answer is too large")
         try:
@@ -227,7 +242,9 @@ class Upstream:
                 await response.aclose()
             if response.status_code == 200:
                 raise UpstreamError(f"the model server answered with no stream: {_detail(content)}")
-            raise error_for_status(response.status_code, content)
+            raise error_for_status(
+                response.status_code, content, response.headers.get("retry-after")
+            )
         return UpstreamStream(response)
 
     async def list_models(self) -> list[str]:
@@ -237,7 +254,9 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
         if response.status_code != 200:
-            raise error_for_status(response.status_code, response.content)
+            raise error_for_status(
+                response.status_code, response.content, response.headers.get("retry-after")
+            )
         return [str(item.get("id")) for item in orjson.loads(response.content).get("data", [])]
 
     async def aclose(self) -> None:

@@ -8,7 +8,8 @@ Test directives, written anywhere in the last message, change its behaviour:
 
     [[words:N]]      answer with N words (default 12)
     [[fail:STATUS]]  answer with that HTTP error status and an OpenAI-shaped error body
-                     (`[[fail:200]]`: the error body with status 200, as some servers send)
+                     (`[[fail:200]]`: the error body with status 200, as some servers send;
+                     `[[fail:429]]` says `retry-after: 7`)
     [[cut:N]]        stream N words, then drop the connection (no usage, no [DONE])
     [[pause:N]]      stream N words, then wait `pause_s` before going on (a slow model)
     [[omit-usage]]   never report usage
@@ -121,7 +122,10 @@ class DemoModel:
         if "think" in directives:
             await asyncio.sleep(directives["think"] / 1000)
         if "fail" in directives:
-            return _error(directives["fail"], "demo model: failing as asked")
+            failure = _error(directives["fail"], "demo model: failing as asked")
+            if directives["fail"] == 429:
+                failure.headers["retry-after"] = "7"
+            return failure
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 4096
         deltas, finish_reason = self._reply(directives.get("words", 12), int(max_tokens))
         reasoning = [f"r{index} " for index in range(directives.get("reason", 0))]

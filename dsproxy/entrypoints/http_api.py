@@ -413,7 +413,7 @@ def error_response(exc: DsproxyError) -> Response:
     hopeless = isinstance(exc, UpstreamUnauthorized | UpstreamQuotaExhausted)
     if hopeless or (status < 500 and status != 429):
         headers["x-should-retry"] = "false"  # the OpenAI SDK retries 5xx and 429 otherwise
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, RateLimited | UpstreamRateLimited) and exc.retry_after_s is not None:
         headers["retry-after"] = str(exc.retry_after_s)
     return json_response(body, status, headers)
 

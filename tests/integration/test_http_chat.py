@@ -246,6 +246,8 @@ async def test_upstream_errors_before_output_charge_nothing(
     response = await post_chat(client, token, body)
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
+    if upstream_status == 429:  # the model server's own wait is passed on
+        assert response.headers["retry-after"] == "7"
     assert await balance(client, token) == {
         "user": USER,
         "balance": 1_000,
