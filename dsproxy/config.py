@@ -116,6 +116,13 @@ def _solana_pubkey(raw: Any, key: str) -> str:
         raise ConfigError(f"{key} has {raw!r}: not a base58 Solana public key") from None
 
 
+def _max_tokens_param(raw: Any, key: str) -> str:
+    value = str(raw).strip()
+    if value not in ("max_tokens", "max_completion_tokens"):
+        raise ConfigError(f"{key} has {raw!r}: expected max_tokens or max_completion_tokens")
+    return value
+
+
 def _commitment(raw: Any, key: str) -> str:
     value = str(raw).strip()
     if value not in ("processed", "confirmed", "finalized"):
@@ -166,6 +173,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "upstream_api_key_file": (_optional_path, ""),
     "upstream_timeout_s": (_int_at_least(1), 600),
     "upstream_connections_max": (_int_at_least(1), 256),
+    "upstream_max_tokens_param": (_max_tokens_param, "max_tokens"),
     "http_host": (_text, "127.0.0.1"),
     "http_port": (_int_between(0, 65_535), 8080),
     "public_url": (lambda raw, key: _optional_text(raw, key).rstrip("/"), ""),
@@ -222,6 +230,7 @@ class Settings:
     upstream_api_key_file: Path | None
     upstream_timeout_s: int
     upstream_connections_max: int
+    upstream_max_tokens_param: str
     http_host: str
     http_port: int
     public_url: str

@@ -137,7 +137,11 @@ class Upstream:
         *,
         timeout_s: float = 600,
         connections_max: int = 256,
+        max_tokens_param: str = "max_tokens",
     ) -> None:
+        # DeepSeek and most servers read `max_tokens`; OpenAI's reasoning models refuse it and
+        # read only `max_completion_tokens`
+        self._max_tokens_param = max_tokens_param
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(
             max_connections=connections_max, max_keepalive_connections=connections_max
@@ -180,6 +184,10 @@ class Upstream:
         self._chat_extensions = {"timeout": timeout.as_dict()}
 
     def _chat_request(self, body: Mapping[str, Any], *, stream: bool = False) -> httpx.Request:
+        if self._max_tokens_param != "max_tokens" and "max_tokens" in body:
+            renamed = {k: v for k, v in body.items() if k != "max_tokens"}
+            renamed[self._max_tokens_param] = body["max_tokens"]
+            body = renamed
         content = orjson.dumps(body)
         headers = [*self._chat_headers[stream], (b"content-length", b"%d" % len(content))]
         return httpx.Request(

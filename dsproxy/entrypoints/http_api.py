@@ -255,6 +255,7 @@ async def open_backend(settings: Settings) -> Backend:
         api_key,
         timeout_s=settings.upstream_timeout_s,
         connections_max=settings.upstream_connections_max,
+        max_tokens_param=settings.upstream_max_tokens_param,
     )
     tokenizer = await asyncio.to_thread(Tokenizer)
     metrics = Metrics()

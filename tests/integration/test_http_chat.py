@@ -16,8 +16,10 @@ import pytest
 
 from dsproxy.adapters.tokenizer import Tokenizer
 from dsproxy.config import Settings, load_settings
+from dsproxy.demo.upstream_model import DemoModel
 from dsproxy.entrypoints.http_api import close_backend, open_backend
 from dsproxy.entrypoints.serve import build_app
+from dsproxy.errors import ConfigError
 from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     USER_KEYS,
     WAIT_S_MAX,
@@ -588,6 +590,27 @@ async def test_requests_per_minute_are_limited_per_user(
             too_long = {"model": "deepseek-chat", "messages": messages("word " * 200_000)}
             statuses = [(await post_chat(http, third, too_long)).status_code for _ in range(3)]
             assert statuses == [400, 400, 429]
+
+
+@pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
+async def test_the_completion_limit_goes_upstream_under_the_name_it_reads(
+    node_env: dict[str, str], demo_url: str, demo_model: DemoModel, param: str
+) -> None:
+    """OpenAI's reasoning models refuse `max_tokens`; DeepSeek reads only `max_tokens`."""
+    env = backend_env(node_env, demo_url, DSPROXY_UPSTREAM_MAX_TOKENS_PARAM=param)
+    settings = load_settings(env)
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            session = await funded(http, settings, WALLET, 1_000)
+            body = {"model": "deepseek-chat", "messages": messages("hi"), "max_tokens": 7}
+            for stream in (False, True):
+                response = await post_chat(http, session, {**body, "stream": stream})
+                assert response.status_code == 200, response.text
+                sent = demo_model.last_body
+                assert sent[param] == 7
+                assert {"max_tokens", "max_completion_tokens"} & set(sent) == {param}
+    with pytest.raises(ConfigError, match="expected max_tokens or max_completion_tokens"):
+        load_settings({**env, "DSPROXY_UPSTREAM_MAX_TOKENS_PARAM": "max_output_tokens"})
 
 
 async def test_concurrent_requests_are_limited_per_user(
