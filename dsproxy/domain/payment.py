@@ -73,6 +73,7 @@ class Payment(Aggregate):
         self.attempts = 0
         self.event_ids: list[str] = []
         self.detail = ""
+        self.expired_at: int | None = None
 
     @classmethod
     def accept(cls, *, attempt: int = 0, **fields: Any) -> Payment:
@@ -90,14 +91,17 @@ class Payment(Aggregate):
         self.attempts += 1
 
     @event("Expired")
-    def expire(self, detail: str) -> None:
+    def expire(self, detail: str, at: int | None = None) -> None:
+        """`at` (unix seconds) is when it was found expired (None in payments stored before)."""
         assert self.state == PaymentState.SUBMITTED, self.state
         self.state = PaymentState.EXPIRED
         self.detail = detail
+        self.expired_at = at
 
     @event("Credited")
     def credit(self, event_ids: list[str]) -> None:
-        assert self.state == PaymentState.SUBMITTED, self.state
+        # from Expired too: an RPC node that lagged called expired what had landed
+        assert self.state in (PaymentState.SUBMITTED, PaymentState.EXPIRED), self.state
         self.state = PaymentState.CREDITED
         self.event_ids = event_ids
 

@@ -58,6 +58,9 @@ __all__ = ["RechargeHandler", "build_recharge_handler"]
 
 log = logging.getLogger(__name__)
 
+LANDED_LOOKUP_GRACE_S = 300
+"""How long an expired payment whose nonce the chain has moved past is looked for again."""
+
 
 @define
 class RechargeHandler:
@@ -186,6 +189,10 @@ class RechargeHandler:
     async def _drive(self, payment: Payment) -> None:
         """Move a payment through its states until it is credited or has failed."""
         while payment.state in PaymentState.UNFINISHED:
+            if payment.state == PaymentState.EXPIRED and await self._landed_after_all(payment):
+                self._crash_point("confirmed")
+                await self._credit(payment)
+                return
             needs_signing = payment.state in (PaymentState.ACCEPTED, PaymentState.EXPIRED)
             if needs_signing and not await self._sign_and_send(payment):
                 return
@@ -246,7 +253,7 @@ class RechargeHandler:
         try:
             await self.rpc.submit(signed, action="pay")  # the same bytes: never pays twice
         except TransactionExpired as exc:
-            payment.expire(str(exc))
+            payment.expire(str(exc), at=int(self.clock()))
             await self._record([], payment)
             return None
         except ConfirmationTimeout:
@@ -256,6 +263,29 @@ class RechargeHandler:
         except PaymentError as exc:
             return await self._refused_or_pending(signed, exc)
         return True
+
+    async def _landed_after_all(self, payment: Payment) -> bool:
+        """Whether an expired payment landed after all. An RPC node behind the one that took
+        the transaction (load-balanced RPC) reports it not found, and the payment is declared
+        expired; the chain's nonce then moves past it and a new signature could only fail: the
+        user would have paid and never been credited. So while the nonce has moved and its
+        transaction is not found, look again for a while before failing it."""
+        onchain = await self.rpc.fetch_onchain_user(Pubkey.from_string(payment.user))
+        if onchain is None or onchain.nonce <= payment.nonce:
+            return False  # nothing of it landed: sign again
+        assert payment.signature is not None, payment.id
+        landed = await self._landed(payment.signature)
+        if landed is True:
+            log.warning("payment %s landed after it was found expired", payment.id)
+            return True
+        expired_at = payment.expired_at
+        lagging = expired_at is not None and self.clock() < expired_at + LANDED_LOOKUP_GRACE_S
+        if landed is None and lagging:
+            raise RpcError(
+                f"pay {payment.signature} was found expired, yet the chain's nonce has moved"
+                " past it: looking for it again later"
+            )
+        return False  # it failed, or another payment moved the nonce: the check will say so
 
     async def _landed(self, signature: str) -> PaymentError | bool | None:
         """True if it succeeded, its error if it failed on chain, None if it has not landed."""

@@ -143,6 +143,9 @@ class LocalChain:
         self._slot = 1
         self._blockhashes: dict[Hash, int] = {self._blockhash_for(1): 1}
         self._history: dict[Signature, TransactionRecord] = {}
+        # answer status lookups as an RPC node behind the one that took the transactions does
+        # (behind a load balancer): nothing has landed (tests of what a client does then)
+        self.statuses_lag = False
         self._faucet = Keypair()
         self._svm.set_account(
             self._faucet.pubkey(), Account(FAUCET_LAMPORTS, b"", SYSTEM_PROGRAM_ID)
@@ -274,7 +277,7 @@ class LocalChain:
         """getSignatureStatuses' entry for one signature, or None if it never landed."""
         with self._lock:
             record = self._history.get(signature)
-            if record is None:
+            if record is None or self.statuses_lag:
                 return None
             age = self._slot - record.slot
             finalized = age >= FINALIZED_AFTER_SLOTS

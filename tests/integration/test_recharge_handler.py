@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -142,6 +143,35 @@ async def test_replayed_signature_in_a_new_request_is_refused(
     row = await RechargesProjection.request(controller.node.db, replay.id)
     assert row is not None and row.state == "refused"
     assert row.detail.startswith("nonce_already_used")
+
+
+async def test_a_payment_an_rpc_node_called_expired_but_that_landed_is_credited(
+    controller: Controller, address: Address
+) -> None:
+    """Behind a load balancer a node that lags reports the landed transaction not found, until
+    past its blockhash: the payment was declared expired, the moved nonce then made it fail,
+    and the user paid for nothing."""
+    world = controller.world
+    world.chain.statuses_lag = True
+    request = dapp_request(address, world.keys.user, world.authorize(0), 0)
+    landed = world.chain.transactions_landed()
+    delivery = asyncio.create_task(controller.deliver(request))
+    while world.chain.transactions_landed() == landed:  # noqa: ASYNC110 (the chain has no event)
+        await asyncio.sleep(0.01)  # until the pay has landed, which no node reports
+    world.chain.advance_slots(BLOCKHASH_VALID_SLOTS + 1)
+    with pytest.raises(RpcError, match="looking for it again later"):
+        await delivery  # the controller's loop resumes it later
+    assert (await world.onchain()).nonce == 1
+    assert await controller.balance(world.keys.user) == 0
+
+    world.chain.statuses_lag = False  # the node caught up
+    (unfinished,) = await RechargesProjection.unfinished_payments(controller.node.db)
+    before = world.balances()
+    await controller.handler.resume(unfinished.payment_id, unfinished.user)
+    assert await controller.balance(world.keys.user) == CREDIT
+    assert world.balances() == before  # credited, not paid again
+    row = await RechargesProjection.request(controller.node.db, request.id)
+    assert row is not None and row.state == "paid", row
 
 
 async def test_after_a_failed_payment_the_user_can_sign_the_same_nonce_again(
