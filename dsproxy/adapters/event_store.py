@@ -41,6 +41,7 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 
+from dsproxy.adapters.data_dir_lock import make_data_dir
 from dsproxy.errors import DuplicateEvent, StoreError
 from dsproxy.wire.event import NostrEvent
 
@@ -182,7 +183,7 @@ class EventStore:
     """Synchronous store; call it from one thread (see AsyncEventStore)."""
 
     def __init__(self, path: Path, lock_timeout_s: int = 30) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_data_dir(path.parent)
         self.application = NodeApplication(
             env={
                 "PERSISTENCE_MODULE": "eventsourcing.sqlite",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from dsproxy.adapters.data_dir_lock import make_data_dir
 from dsproxy.errors import StoreError
 
 __all__ = ["open_sqlite"]
@@ -17,7 +18,7 @@ async def open_sqlite(
 ) -> aiosqlite.Connection:
     """Create the directory and the tables; `durable=False` (a rebuild's scratch file) turns the
     journal and fsync off, since a crash discards that file anyway."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_data_dir(path.parent)
     try:
         connection = await aiosqlite.connect(path, isolation_level=None)
         if durable:

@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from dsproxy.adapters.data_dir_lock import exclusive_data_dir
 from dsproxy.adapters.node_keys import load_secret
 from dsproxy.adapters.recharges_projection import RechargesProjection
 from dsproxy.adapters.solana_keys import load_keypair
@@ -44,7 +45,8 @@ def add_commands(subparsers: Any) -> None:
 def run_controller(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "status":
         return asyncio.run(_status(settings, args.limit, args.json))
-    return run_service(_serve(settings))
+    with exclusive_data_dir(settings.data_dir, "dsproxy controller"):
+        return run_service(_serve(settings))
 
 
 async def _status(settings: Settings, limit: int, as_json: bool) -> int:

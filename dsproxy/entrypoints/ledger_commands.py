@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dsproxy.adapters.data_dir_lock import exclusive_data_dir
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.bootstrap import address, fact_projections, open_ledger, trust_policy
 from dsproxy.config import Settings
@@ -146,8 +147,9 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
     # generation far less often (faster), but do collect (asyncio leaves cycles behind).
     thresholds = gc.get_threshold()
     gc.set_threshold(REPLAY_GC_THRESHOLD, *thresholds[1:])
-    try:
-        return asyncio.run(_replay(settings, args.from_relay, args.since))
+    try:  # the projection is swapped: not under a running service
+        with exclusive_data_dir(settings.data_dir, "dsproxy replay", create=False):
+            return asyncio.run(_replay(settings, args.from_relay, args.since))
     finally:
         gc.set_threshold(*thresholds)
 

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from dsproxy.adapters.data_dir_lock import exclusive_data_dir
 from dsproxy.adapters.node_keys import create_key_file
 from dsproxy.config import Settings
 from dsproxy.entrypoints.event_loop import run_service
@@ -43,7 +44,8 @@ def run_keygen(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_node(args: argparse.Namespace, settings: Settings) -> int:
-    return run_service(_node(settings))
+    with exclusive_data_dir(settings.data_dir, "dsproxy node"):
+        return run_service(_node(settings))
 
 
 async def _node(settings: Settings) -> int:

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from dsproxy.adapters.data_dir_lock import exclusive_data_dir
 from dsproxy.config import Settings
 from dsproxy.entrypoints import http_accounts, http_dapp, http_openai
 from dsproxy.entrypoints.event_loop import run_service
@@ -165,7 +166,10 @@ async def _stop_when(stop: asyncio.Event, server: uvicorn.Server) -> None:
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     changes = {"http_host": args.host, "http_port": args.port}
     settings = settings.replace(**{k: v for k, v in changes.items() if v is not None})
-    with contextlib.suppress(KeyboardInterrupt):
+    with (
+        exclusive_data_dir(settings.data_dir, "dsproxy serve"),
+        contextlib.suppress(KeyboardInterrupt),
+    ):
         run_service(serve(settings))
     return 0
 

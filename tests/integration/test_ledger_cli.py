@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dsproxy.wire.envelope import DEPHY_KIND, Address
@@ -271,3 +274,30 @@ def test_import_refuses_what_the_door_refuses(
     assert "line 1:" in result.stdout and "over 256" in result.stdout
     assert "line 2:" in result.stdout and "content is not JSON" in result.stdout
     assert balance(env, ALICE)["balance"] == 40
+
+
+def test_one_service_per_data_directory(node_env: dict[str, str], data_dir: Path) -> None:
+    """Two backends on one directory each reserved against their own book: a user overspent.
+    A second service (or a replay swapping the projection under it) is now refused; reading
+    commands still work beside it."""
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dsproxy.entrypoints.cli", "node"],
+        env={**os.environ, **node_env},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        lock = data_dir / ".lock"
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and "dsproxy node" in lock.read_text()):
+            assert time.monotonic() < deadline and first.poll() is None, "the node did not start"
+            time.sleep(0.05)
+        for command in (["node"], ["serve"], ["replay"]):
+            result = dsproxy(node_env, *command)
+            assert result.returncode == 2, (command, result.stderr)
+            assert f"is in use by dsproxy node (pid {first.pid})" in result.stderr
+        assert dsproxy(node_env, "balance", ALICE).returncode == 0
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+    assert dsproxy(node_env, "replay").returncode == 0  # the lock went with the process
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700  # conversations are its owner's
