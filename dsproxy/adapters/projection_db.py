@@ -210,7 +210,8 @@ class ProjectionDb:
                 )
                 await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full) has rolled back already
+                    await self._db.execute("ROLLBACK")
                 raise
         except aiosqlite.Error as exc:
             raise StoreError(f"could not write projection batch up to {position}: {exc}") from exc

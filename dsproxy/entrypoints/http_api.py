@@ -121,6 +121,11 @@ class Metrics:
         self.outbox_backlog = Gauge(
             "dsproxy_outbox_backlog_events", "Own events stored, not yet acknowledged", registry=r
         )
+        self.outbox_failed = Gauge(
+            "dsproxy_outbox_failed_events",
+            "Own events every relay refused for good, never published (`dsproxy outbox`)",
+            registry=r,
+        )
         self.ingest_lag = Gauge(
             "dsproxy_ingest_lag_events",
             "Events received but not yet stored, plus stored but not yet projected",
@@ -144,11 +149,15 @@ class Metrics:
         has_outbox = await db.fetch_all(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
         )
-        backlog = 0  # a node with no key has no outbox table: nothing of ours to publish
+        backlog = failed = 0  # a node with no key has no outbox table: nothing of ours to publish
         if has_outbox:
-            rows = await db.fetch_all("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")
-            backlog = int(rows[0][0])
+            rows = await db.fetch_all(
+                "SELECT COUNT(*) FILTER (WHERE status = 'pending'), "
+                "COUNT(*) FILTER (WHERE status = 'failed') FROM outbox"
+            )
+            backlog, failed = int(rows[0][0]), int(rows[0][1])
         self.outbox_backlog.set(backlog)
+        self.outbox_failed.set(failed)
         stored = await backend.node.ledger.store.max_position()
         projected = await db.position()
         self.ingest_lag.set(backend.node.ingest.queued_events + max(0, stored - projected))

@@ -63,7 +63,10 @@ def build_app(backend: Backend) -> ASGIApp:
 
     async def our_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, DsproxyError), exc
-        return error_response(exc)
+        response = error_response(exc)
+        if response.status_code >= 500:  # the operator's to fix (a full disk): say so in the log
+            log.error("%s %s: %s", request.method, request.url.path, exc)
+        return response
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException), exc

@@ -565,6 +565,26 @@ async def test_a_model_is_retrieved_by_name(sdk: openai.AsyncOpenAI) -> None:
     assert raised.value.code == "model_not_found"
 
 
+async def test_metrics_count_what_happened(
+    client: httpx.AsyncClient, token: str, tokenizer: Tokenizer, backend_settings: Settings
+) -> None:
+    body = {"model": "deepseek-chat", "messages": messages("hi [[words:3]]")}
+    assert (await post_chat(client, token, body)).status_code == 200
+    charged = expected_charge(tokenizer, "hi [[words:3]]", "this is the")
+    await issued_debits(backend_settings, USER, charged)  # signed and stored: now in the outbox
+    text = (await client.get("/metrics")).text
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['dsproxy_tokens_total{kind="charged",model="deepseek-chat"}'] == charged
+    assert values['dsproxy_requests_total{route="/v1/chat/completions",status="200"}'] == 1
+    assert values["dsproxy_holds_open"] == values["dsproxy_tokens_held"] == 0
+    assert values["dsproxy_outbox_backlog_events"] == 1  # its debit waits: no relay here
+    assert values["dsproxy_outbox_failed_events"] == 0
+
+
 async def test_models_lists_the_configured_models(sdk: openai.AsyncOpenAI) -> None:
     models = await sdk.models.list()
     assert [model.id for model in models.data] == ["deepseek-chat", "deepseek-reasoner"]
