@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from dsproxy.errors import ConfigError
+from dsproxy.errors import ConfigError, StoreError
 
 __all__ = ["DATA_DIR_MODE", "exclusive_data_dir", "make_data_dir"]
 
@@ -24,7 +24,10 @@ DATA_DIR_MODE = 0o700
 
 def make_data_dir(path: Path) -> None:
     """Create the data directory (and parents) if missing, readable by its owner only."""
-    path.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, a read-only disk
+        raise StoreError(f"cannot create the data directory {str(path)!r}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -36,7 +39,11 @@ def exclusive_data_dir(data_dir: Path, holder: str, *, create: bool = True) -> I
             yield
             return
         make_data_dir(data_dir)
-    with (data_dir / ".lock").open("a+", encoding="utf-8") as handle:
+    try:
+        handle = (data_dir / ".lock").open("a+", encoding="utf-8")
+    except OSError as exc:
+        raise StoreError(f"cannot lock the data directory {str(data_dir)!r}: {exc}") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -184,13 +184,16 @@ class EventStore:
 
     def __init__(self, path: Path, lock_timeout_s: int = 30) -> None:
         make_data_dir(path.parent)
-        self.application = NodeApplication(
-            env={
-                "PERSISTENCE_MODULE": "eventsourcing.sqlite",
-                "SQLITE_DBNAME": str(path),
-                "SQLITE_LOCK_TIMEOUT": str(lock_timeout_s),
-            }
-        )
+        try:
+            self.application = NodeApplication(
+                env={
+                    "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+                    "SQLITE_DBNAME": str(path),
+                    "SQLITE_LOCK_TIMEOUT": str(lock_timeout_s),
+                }
+            )
+        except (sqlite3.Error, PersistenceError, OSError) as exc:  # not a database, read-only
+            raise StoreError(f"cannot open the event store {str(path)!r}: {exc}") from exc
         recorder = self.application.recorder
         assert isinstance(recorder, SQLiteApplicationRecorder), type(recorder)
         self._recorder = recorder

@@ -301,3 +301,22 @@ def test_one_service_per_data_directory(node_env: dict[str, str], data_dir: Path
         assert first.wait(60) == 0
     assert dsproxy(node_env, "replay").returncode == 0  # the lock went with the process
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700  # conversations are its owner's
+
+
+def test_a_data_directory_that_cannot_be_used_is_a_one_line_error(
+    tmp_path: Path, node_env: dict[str, str]
+) -> None:
+    """They were tracebacks (a read-only disk gives the same errors, as root cannot be shown)."""
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "events.sqlite").write_text("not a database")
+    for data_dir, command, expected in (
+        (in_the_way, ["node"], "cannot create the data directory"),
+        (broken, ["balance", ALICE], "cannot open the event store"),
+    ):
+        result = dsproxy({**node_env, "DSPROXY_DATA_DIR": str(data_dir)}, *command)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("dsproxy: error: ") and expected in result.stderr
+        assert "Traceback" not in result.stderr
