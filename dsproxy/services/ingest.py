@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,6 +102,12 @@ def _admit_all(
 
 VERIFIER_THREADS_MAX = 4
 VERIFY_SLICE_MIN = 64
+REFUSALS_REMEMBERED = 10_000
+"""Refusals logged once each: every new session reads the same junk again (it is not stored, so
+the checkpoint stays before it), and anyone may publish junk with our tags."""
+STABLE_SESSION_S = 60.0
+"""A session that lasted this long resets the reconnect backoff; a relay that drops us right
+after each catch-up is retried ever more slowly."""
 """Below this many events a slice is not worth a thread hop of its own."""
 
 
@@ -229,6 +235,7 @@ class Ingest:
         self.queued_events = 0
         self._room = asyncio.Condition()
         self._relays: dict[str, _RelayState] = {}
+        self._refusals_logged: OrderedDict[str, None] = OrderedDict()
         self._verifiers = max(1, min(VERIFIER_THREADS_MAX, os.cpu_count() or 1))
         self._verifier = ThreadPoolExecutor(self._verifiers, thread_name_prefix="ingest-verify")
 
@@ -244,6 +251,7 @@ class Ingest:
             )
             try:
                 await connection.open()
+                opened_s = time.monotonic()
                 self.stats.sessions += 1
                 await self._enqueue(SessionStarted(url))
                 # Live first, then history: nothing can fall between the two.
@@ -262,8 +270,9 @@ class Ingest:
                             await self._enqueue(Incoming(url, page.events))
                 await self._enqueue(CaughtUp(url))
                 log.info("%s: caught up from %s", url, since)
-                attempt = 0
                 reason = await connection.wait_lost()
+                if time.monotonic() - opened_s >= STABLE_SESSION_S:
+                    attempt = 0  # a relay that drops us after each catch-up waits ever longer
                 log.warning("%s: connection lost (%s); reconnecting", url, reason)
             except RelayUnavailable as exc:
                 log.warning("%s: %s", url, exc)
@@ -367,7 +376,12 @@ class Ingest:
         for relay, verdict in zip(relays, verdicts, strict=True):
             if isinstance(verdict, Refusal):
                 self.stats.refused[verdict.kind] += 1
-                log.warning("refused an event from %s: %s", relay, verdict.reason)
+                if verdict.reason not in self._refusals_logged:
+                    log.warning("refused an event from %s: %s", relay, verdict.reason)
+                self._refusals_logged[verdict.reason] = None
+                self._refusals_logged.move_to_end(verdict.reason)
+                if len(self._refusals_logged) > REFUSALS_REMEMBERED:
+                    self._refusals_logged.popitem(last=False)
             else:
                 admitted.append(verdict)
                 source.setdefault(verdict.id, relay)

@@ -122,6 +122,13 @@ async def test_refused_events_change_nothing_and_untrusted_are_stored_only(
         ignored = await ledger.db.ignored()
         assert [event_id for _, event_id, _ in ignored] == [events["untrusted_author"].id]
         assert sum("refused an event from ws://evil.example" in m for m in caplog.messages) == 6
+        # the same junk again (every session reads it again: it is never stored) is counted,
+        # not logged again: anyone may publish junk with our tags to flood the log
+        await ingest.process(
+            [Incoming("ws://evil.example", (e.to_obj(),)) for e in events.values()]
+        )
+        assert sum(ingest.stats.refused.values()) == 12
+        assert sum("refused an event from ws://evil.example" in m for m in caplog.messages) == 6
 
 
 async def test_strange_events_through_a_relay_move_no_balance(
