@@ -176,6 +176,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "upstream_max_tokens_param": (_max_tokens_param, "max_tokens"),
     "http_host": (_text, "127.0.0.1"),
     "http_port": (_int_between(0, 65_535), 8080),
+    "shutdown_grace_s": (_int_between(0, 3_600), 25),
     "public_url": (lambda raw, key: _optional_text(raw, key).rstrip("/"), ""),
     "models": (_text_list, "deepseek-chat,deepseek-reasoner"),
     "prices": (_text_list, ""),
@@ -233,6 +234,7 @@ class Settings:
     upstream_max_tokens_param: str
     http_host: str
     http_port: int
+    shutdown_grace_s: int
     public_url: str
     models: tuple[str, ...]
     prices: tuple[str, ...]

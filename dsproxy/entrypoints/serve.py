@@ -115,7 +115,8 @@ async def serve(
             lifespan="off",
             access_log=False,
             log_level="warning",
-            timeout_graceful_shutdown=5,
+            # chats in flight may finish (docker compose waits 30 s before it kills)
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
         )
         server = _Server(config)
         if stop is None:  # run as a command: SIGINT and SIGTERM both stop cleanly (exit 0)

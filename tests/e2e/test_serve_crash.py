@@ -5,6 +5,8 @@ killed mid-stream leaves no hold behind."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,3 +114,27 @@ async def test_a_kill_mid_stream_leaves_no_hold_and_no_debit(
             "available": 1_000,
         }
     assert read_debits(settings, USER) == []
+
+
+async def test_a_stop_lets_a_chat_in_flight_finish_within_the_grace(
+    serve: ServeProcess, settings: Settings
+) -> None:
+    """SIGTERM (a deploy) cut every stream after a fixed 5 s, with no end and a traceback;
+    chats now have DSPROXY_SHUTDOWN_GRACE_S (25 s; compose waits 30 s) to finish."""
+    append_credit(settings, USER, 1_000)
+    serve.start()
+    async with httpx.AsyncClient(base_url=serve.url, timeout=WAIT_S_MAX) as http:
+        token = await login(http, WALLET)
+        said = "hi [[think:6500]] [[words:3]]"  # longer than the old 5 s
+        body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": said}]}
+        chat = asyncio.create_task(
+            http.post("/v1/chat/completions", json={**body, "stream": True}, headers=bearer(token))
+        )
+        await asyncio.sleep(1.0)  # the chat is in flight
+        assert serve.process is not None
+        serve.process.send_signal(signal.SIGTERM)
+        response = await chat
+    assert response.status_code == 200
+    assert b"[DONE]" in response.content and b'"error"' not in response.content
+    assert await asyncio.to_thread(serve.process.wait, WAIT_S_MAX) == 0
+    assert "Traceback" not in serve.log_path.read_text()
