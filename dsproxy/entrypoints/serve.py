@@ -48,10 +48,15 @@ def build_app(backend: Backend) -> ASGIApp:
     """The ASGI app of one backend: every route, OpenAI-shaped errors, request metrics."""
 
     async def healthz(request: Request) -> Response:
+        """200 while it can serve chats; "degraded" when no relay is connected (debits wait in
+        the outbox, credits do not arrive), which a restart would not mend."""
         ledger = backend.node.ledger
+        relays = backend.node.settings.relays
+        connected = len(backend.node.ingest.connected)
         return json_response(
             {
-                "status": "ok",
+                "status": "degraded" if relays and not connected else "ok",
+                "relays": {"configured": len(relays), "connected": connected},
                 "store_position": await ledger.store.max_position(),
                 "projection_position": await ledger.db.position(),
             }

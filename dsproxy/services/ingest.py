@@ -236,6 +236,7 @@ class Ingest:
         self._room = asyncio.Condition()
         self._relays: dict[str, _RelayState] = {}
         self._refusals_logged: OrderedDict[str, None] = OrderedDict()
+        self.connected: set[str] = set()  # relays with a session open now
         self._verifiers = max(1, min(VERIFIER_THREADS_MAX, os.cpu_count() or 1))
         self._verifier = ThreadPoolExecutor(self._verifiers, thread_name_prefix="ingest-verify")
 
@@ -252,6 +253,7 @@ class Ingest:
             try:
                 await connection.open()
                 opened_s = time.monotonic()
+                self.connected.add(url)
                 self.stats.sessions += 1
                 await self._enqueue(SessionStarted(url))
                 # Live first, then history: nothing can fall between the two.
@@ -277,6 +279,7 @@ class Ingest:
             except RelayUnavailable as exc:
                 log.warning("%s: %s", url, exc)
             finally:
+                self.connected.discard(url)
                 await connection.close()
             delay_ms = retry_delay_ms(
                 attempt, self.limits.retry_ms_min, self.limits.retry_ms_max, random.uniform(0.5, 1)

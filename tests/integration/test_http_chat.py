@@ -20,6 +20,7 @@ from dsproxy.demo.upstream_model import DemoModel
 from dsproxy.entrypoints.http_api import close_backend, open_backend
 from dsproxy.entrypoints.serve import build_app
 from dsproxy.errors import ConfigError
+from tests.integration.relay_fixtures import local_relay  # noqa: F401 (a fixture)
 from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     USER_KEYS,
     WAIT_S_MAX,
@@ -35,6 +36,7 @@ from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     demo_model,
     demo_url,
     eventually,
+    free_port,
     funded,
     issued_debits,
     login,
@@ -583,6 +585,28 @@ async def test_metrics_count_what_happened(
     assert values["dsproxy_holds_open"] == values["dsproxy_tokens_held"] == 0
     assert values["dsproxy_outbox_backlog_events"] == 1  # its debit waits: no relay here
     assert values["dsproxy_outbox_failed_events"] == 0
+
+
+async def test_healthz_says_whether_a_relay_is_connected(
+    node_env: dict[str, str], demo_url: str, local_relay: str
+) -> None:
+    """Without a relay debits wait in the outbox and credits never arrive: "degraded"."""
+    dead = f"ws://127.0.0.1:{free_port()}"
+    for relays, status, connected in ((dead, "degraded", 0), (f"{local_relay},{dead}", "ok", 1)):
+        settings = load_settings(backend_env(node_env, demo_url, DSPROXY_RELAYS=relays))
+        with backend_in_thread(settings) as base:
+            async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+                health: dict[str, Any] = {}
+
+                async def reported(expected: str = status) -> bool:
+                    nonlocal health
+                    response = await http.get("/healthz")
+                    health = response.json()
+                    return response.status_code == 200 and health["status"] == expected
+
+                await eventually(reported, f"/healthz to say {status}")
+                configured = len(relays.split(","))
+                assert health["relays"] == {"configured": configured, "connected": connected}
 
 
 async def test_models_lists_the_configured_models(sdk: openai.AsyncOpenAI) -> None:
