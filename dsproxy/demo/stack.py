@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from dsproxy.adapters.balance_payment import BalancePayment
+from dsproxy.adapters.listening import bind_port
 from dsproxy.adapters.node_keys import create_key_file, load_secret
 from dsproxy.adapters.projection_db import ProjectionDb
 from dsproxy.adapters.relay import build_local_relay
@@ -150,19 +150,7 @@ def write_keypair(path: Path, keypair: Keypair) -> Path:
 
 def bind_api_port(port: int) -> socket.socket:
     """Take the API's port before anything starts, so a busy port is the first, clear error."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((HOST, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(
-                f"port {port} on {HOST} is already in use: stop what listens there, or pick "
-                "another with --port (0 = any free port)"
-            ) from None
-        raise ConfigError(f"cannot listen on {HOST}:{port}: {exc.strerror}") from None
-    return sock
+    return bind_port(HOST, port, hint="pick another with --port (0 = any free port)")
 
 
 def _free_socket() -> socket.socket:

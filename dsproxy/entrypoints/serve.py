@@ -25,6 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from dsproxy.adapters.data_dir_lock import exclusive_data_dir
+from dsproxy.adapters.listening import bind_port
 from dsproxy.config import Settings
 from dsproxy.entrypoints import http_accounts, http_dapp, http_openai
 from dsproxy.entrypoints.event_loop import run_service
@@ -110,7 +111,14 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until `stop` is set or a signal arrives; `on_started(port)` once listening."""
-    backend = await open_backend(settings)
+    sock = bind_port(  # first: a busy port is a clear error before anything is opened
+        settings.http_host, settings.http_port, hint="pick another with DSPROXY_HTTP_PORT"
+    )
+    try:
+        backend = await open_backend(settings)
+    except BaseException:
+        sock.close()
+        raise
     freeze_startup_objects()
     try:
         config = uvicorn.Config(
@@ -130,7 +138,7 @@ async def serve(
                 asyncio.get_running_loop().add_signal_handler(signum, stop.set)
         node_stop = asyncio.Event()
         node = asyncio.create_task(backend.node.run(node_stop), name="node")
-        http = asyncio.create_task(server.serve(), name="http")
+        http = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         watchers = [
             asyncio.create_task(_report_started(server, on_started)),
             asyncio.create_task(_stop_when(stop, server)),
@@ -147,6 +155,7 @@ async def serve(
             await asyncio.gather(http, node, *watchers, return_exceptions=True)
     finally:
         await close_backend(backend)
+        sock.close()
 
 
 class _Server(uvicorn.Server):

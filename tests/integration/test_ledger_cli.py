@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from dsproxy.wire.envelope import DEPHY_KIND, Address
 from dsproxy.wire.event import NostrEvent, sign_event
 from tests.builders import credit, debit
 from tests.conftest import CONTROLLER_SECRET, STRANGER_SECRET
+from tests.integration.upstream_fixtures import backend_env
 
 ALICE = "Dp5nyDG2fjpVy99TtJrKCTsXoeFieTJNeYr2wz6TFT3h"
 BOB = "7U84W13X2v7Uj99sDc9gRjyoDp5xHnSchdc8HqHwJ3Qb"
@@ -320,3 +322,19 @@ def test_a_data_directory_that_cannot_be_used_is_a_one_line_error(
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("dsproxy: error: ") and expected in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_busy_port_is_a_one_line_error_before_anything_starts(
+    node_env: dict[str, str], data_dir: Path
+) -> None:
+    """uvicorn exited from inside its task (status 3, a traceback, nothing on what to do)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = backend_env(node_env, "http://127.0.0.1:9/v1")  # all a backend needs to start
+        result = dsproxy(env, "serve", "--port", str(port))
+    assert result.returncode == 2, result.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert "DSPROXY_HTTP_PORT" in result.stderr and "Traceback" not in result.stderr
+    assert not (data_dir / "events.sqlite").exists()  # refused before anything was opened
