@@ -112,7 +112,7 @@ class Metrics:
         )
         self.upstream_seconds = Histogram(
             "dsproxy_upstream_latency_seconds",
-            "Time to the upstream's answer (first chunk)",
+            "Time to the model server's first chunk (streamed) or whole answer (not streamed)",
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
