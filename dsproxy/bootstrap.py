@@ -88,9 +88,13 @@ async def open_ledger(settings: Settings) -> LedgerNode:
     policy = trust_policy(settings)
     extensions = fact_projections(settings)
     store = AsyncEventStore.open(settings.events_path)
-    db = await open_projection(
-        store, settings.projection_path, policy, settings.content_bytes_max, extensions
-    )
+    try:
+        db = await open_projection(
+            store, settings.projection_path, policy, settings.content_bytes_max, extensions
+        )
+    except BaseException:
+        await store.close()
+        raise
     projector = Projector(
         store, db, policy, content_bytes_max=settings.content_bytes_max, extensions=extensions
     )

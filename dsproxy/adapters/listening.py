@@ -8,7 +8,9 @@ import socket
 
 from dsproxy.errors import ConfigError
 
-__all__ = ["bind_port"]
+__all__ = ["LISTEN_BACKLOG", "bind_port"]
+
+LISTEN_BACKLOG = 2048  # uvicorn's default
 
 
 def bind_port(host: str, port: int, *, hint: str) -> socket.socket:
@@ -18,6 +20,7 @@ def bind_port(host: str, port: int, *, hint: str) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)  # at once: with SO_REUSEADDR a bound, idle port can be taken
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:

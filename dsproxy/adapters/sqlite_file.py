@@ -19,6 +19,7 @@ async def open_sqlite(
     """Create the directory and the tables; `durable=False` (a rebuild's scratch file) turns the
     journal and fsync off, since a crash discards that file anyway."""
     make_data_dir(path.parent)
+    connection: aiosqlite.Connection | None = None
     try:
         connection = await aiosqlite.connect(path, isolation_level=None)
         if durable:
@@ -30,5 +31,7 @@ async def open_sqlite(
         for schema in schemas:
             await connection.executescript(schema)
     except (aiosqlite.Error, OSError) as exc:
+        if connection is not None:  # its worker thread would keep the process from exiting
+            await connection.close()
         raise StoreError(f"cannot open {what} {str(path)!r}: {exc}") from exc
     return connection

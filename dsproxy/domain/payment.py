@@ -67,7 +67,8 @@ class Payment(Aggregate):
         self.amount_lamports = amount_lamports
         self.tokens = tokens
         self.state = PaymentState.ACCEPTED
-        self.signature: str | None = None
+        self.signature: str | None = None  # the newest transaction's
+        self.signatures: list[str] = []  # every transaction's, oldest first
         self.transaction: bytes | None = None
         self.last_valid_block_height: int | None = None
         self.attempts = 0
@@ -86,6 +87,7 @@ class Payment(Aggregate):
         assert self.state in (PaymentState.ACCEPTED, PaymentState.EXPIRED), self.state
         self.state = PaymentState.SUBMITTED
         self.signature = signature
+        self.signatures.append(signature)
         self.transaction = transaction
         self.last_valid_block_height = last_valid_block_height
         self.attempts += 1

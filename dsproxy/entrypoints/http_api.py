@@ -248,7 +248,11 @@ async def open_backend(settings: Settings) -> Backend:
             "lower no balance; add it"
         )
     node = await Node.open(settings)
-    accounts = await AccountsDb.open(settings.data_dir / "backend.sqlite")
+    try:
+        accounts = await AccountsDb.open(settings.data_dir / "backend.sqlite")
+    except BaseException:  # what is open would keep the process from exiting
+        await node.aclose()
+        raise
     ledger = node.ledger
     meter = Meter(
         ledger.store,

@@ -145,8 +145,9 @@ async def serve(
         ]
         try:
             done, _ = await asyncio.wait({node, http}, return_when=asyncio.FIRST_COMPLETED)
-            if node in done and node.exception() is not None:
-                raise node.exception()  # type: ignore[misc]
+            for task in (node, http):  # the HTTP server can fail too (it could not listen)
+                if task in done and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
         finally:
             server.should_exit = True
             node_stop.set()

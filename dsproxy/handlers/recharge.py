@@ -272,20 +272,24 @@ class RechargeHandler:
         transaction is not found, look again for a while before failing it."""
         onchain = await self.rpc.fetch_onchain_user(Pubkey.from_string(payment.user))
         if onchain is None or onchain.nonce <= payment.nonce:
-            return False  # nothing of it landed: sign again
-        assert payment.signature is not None, payment.id
-        landed = await self._landed(payment.signature)
-        if landed is True:
-            log.warning("payment %s landed after it was found expired", payment.id)
+            return False  # nothing of it landed (or this node lags too: `_fail` looks again)
+        if await self._signature_that_landed(payment) is not None:
             return True
         expired_at = payment.expired_at
-        lagging = expired_at is not None and self.clock() < expired_at + LANDED_LOOKUP_GRACE_S
-        if landed is None and lagging:
+        if expired_at is not None and self.clock() < expired_at + LANDED_LOOKUP_GRACE_S:
             raise RpcError(
                 f"pay {payment.signature} was found expired, yet the chain's nonce has moved"
                 " past it: looking for it again later"
             )
-        return False  # it failed, or another payment moved the nonce: the check will say so
+        return False  # another payment moved the nonce: the eligibility check will say so
+
+    async def _signature_that_landed(self, payment: Payment) -> str | None:
+        """One of the payment's transactions that succeeded on chain, if any did."""
+        for signature in reversed(payment.signatures):
+            if await self._landed(signature) is True:
+                log.warning("payment %s landed after all (%s)", payment.id, signature)
+                return signature
+        return None
 
     async def _landed(self, signature: str) -> PaymentError | bool | None:
         """True if it succeeded, its error if it failed on chain, None if it has not landed."""
@@ -337,6 +341,10 @@ class RechargeHandler:
         log.info("credited %d tokens for request %s", payment.tokens, payment.request_id)
 
     async def _fail(self, payment: Payment, reason: RefusalReason, detail: str) -> None:
+        if await self._signature_that_landed(payment) is not None:  # a node lagged: it is paid
+            self._crash_point("confirmed")
+            await self._credit(payment)
+            return
         refused = Refused(payment.request_id, reason, detail, payment.user)
         status = seal(failure_status(refused), self.address, self.signer_secret)
         payment.fail(reason.value, detail, [status.id])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -80,7 +81,7 @@ def admit(
         return Refusal(
             "off_session",
             f"event {event.id} is not kind 1573 for this session and machine: "
-            f"kind {event.kind}, s={event.tag('s')!r}, p={event.tag('p')!r}",
+            f"kind {event.kind}, s={_shown(event.tag('s'))}, p={_shown(event.tag('p'))}",
         )
     size = len(event.content.encode())
     if size > content_bytes_max:
@@ -94,6 +95,13 @@ def admit(
     return event
 
 
+def _shown(value: str | None, chars_max: int = 80) -> str:
+    """A tag value as a log line shows it: whoever wrote the event chose its length."""
+    if value is None or len(value) <= chars_max:
+        return repr(value)
+    return repr(value[:chars_max]) + f"... ({len(value)} characters)"
+
+
 def _admit_all(
     objs: Sequence[dict[str, Any]], address: Address, content_bytes_max: int
 ) -> list[NostrEvent | Refusal]:
@@ -102,9 +110,10 @@ def _admit_all(
 
 VERIFIER_THREADS_MAX = 4
 VERIFY_SLICE_MIN = 64
-REFUSALS_REMEMBERED = 10_000
-"""Refusals logged once each: every new session reads the same junk again (it is not stored, so
-the checkpoint stays before it), and anyone may publish junk with our tags."""
+REFUSALS_REMEMBERED = 100_000
+"""Refusals logged once each (remembered by a 16-byte digest of the reason): every new session
+reads the same junk again (it is not stored, so the checkpoint stays before it), and anyone may
+publish junk with our tags."""
 STABLE_SESSION_S = 60.0
 """A session that lasted this long resets the reconnect backoff; a relay that drops us right
 after each catch-up is retried ever more slowly."""
@@ -235,7 +244,7 @@ class Ingest:
         self.queued_events = 0
         self._room = asyncio.Condition()
         self._relays: dict[str, _RelayState] = {}
-        self._refusals_logged: OrderedDict[str, None] = OrderedDict()
+        self._refusals_logged: OrderedDict[bytes, None] = OrderedDict()
         self.connected: set[str] = set()  # relays with a session open now
         self._verifiers = max(1, min(VERIFIER_THREADS_MAX, os.cpu_count() or 1))
         self._verifier = ThreadPoolExecutor(self._verifiers, thread_name_prefix="ingest-verify")
@@ -379,10 +388,11 @@ class Ingest:
         for relay, verdict in zip(relays, verdicts, strict=True):
             if isinstance(verdict, Refusal):
                 self.stats.refused[verdict.kind] += 1
-                if verdict.reason not in self._refusals_logged:
+                digest = hashlib.blake2b(verdict.reason.encode(), digest_size=16).digest()
+                if digest not in self._refusals_logged:
                     log.warning("refused an event from %s: %s", relay, verdict.reason)
-                self._refusals_logged[verdict.reason] = None
-                self._refusals_logged.move_to_end(verdict.reason)
+                self._refusals_logged[digest] = None
+                self._refusals_logged.move_to_end(digest)
                 if len(self._refusals_logged) > REFUSALS_REMEMBERED:
                     self._refusals_logged.popitem(last=False)
             else:

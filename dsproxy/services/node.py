@@ -92,7 +92,11 @@ class Node:
         """Open the store, the projection (every fact projection) and the checkpoints."""
         author = own_pubkey(settings)
         ledger = await open_ledger(settings)
-        checkpoints = await CheckpointDb.open(settings.data_dir / "checkpoints.sqlite")
+        try:
+            checkpoints = await CheckpointDb.open(settings.data_dir / "checkpoints.sqlite")
+        except BaseException:  # what is open would keep the process from exiting
+            await ledger.aclose()
+            raise
         return cls(settings, ledger, checkpoints, author)
 
     async def append(self, events: Sequence[NostrEvent]) -> AppendOutcome:

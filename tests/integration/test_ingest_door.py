@@ -276,3 +276,12 @@ async def test_a_worker_stopped_mid_stream_keeps_the_queue_account_exact(
             still_queued += len(ingest.queue.get_nowait().objs)
         assert 0 < still_queued < 2_000 - 300
         assert ingest.queued_events == still_queued
+
+
+def test_a_refusal_shows_tag_values_shortened(address: Address) -> None:
+    """Its reason is logged and remembered: the event's author chose how long a tag is."""
+    tags = (("s", "x" * 100_000), ("s", address.session), ("p", address.machine))
+    event = sign_event(CONTROLLER_SECRET, 1573, tags, '{"a": 1}', 1_700_000_000)
+    verdict = admit(event.to_obj(), address, CONTENT_BYTES_MAX)
+    assert isinstance(verdict, Refusal) and verdict.kind == "off_session"
+    assert len(verdict.reason) < 400 and "(100000 characters)" in verdict.reason

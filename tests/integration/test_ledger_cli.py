@@ -12,6 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from dsproxy.adapters.listening import bind_port
+from dsproxy.errors import ConfigError
 from dsproxy.wire.envelope import DEPHY_KIND, Address
 from dsproxy.wire.event import NostrEvent, sign_event
 from tests.builders import credit, debit
@@ -314,14 +318,29 @@ def test_a_data_directory_that_cannot_be_used_is_a_one_line_error(
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "events.sqlite").write_text("not a database")
+    broken_projection = tmp_path / "broken-projection"
+    broken_projection.mkdir()
+    (broken_projection / "projection.sqlite").write_text("not a database")
     for data_dir, command, expected in (
         (in_the_way, ["node"], "cannot create the data directory"),
         (broken, ["balance", ALICE], "cannot open the event store"),
+        # it hung after its error line: the store's and projection's threads kept it alive
+        (broken_projection, ["node"], "cannot open projection"),
     ):
         result = dsproxy({**node_env, "DSPROXY_DATA_DIR": str(data_dir)}, *command)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("dsproxy: error: ") and expected in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_port_taken_is_taken_at_once() -> None:
+    """Bound but not yet listening, a port could be bound again (SO_REUSEADDR): a second
+    backend got past the check and then hung, never listening."""
+    first = bind_port("127.0.0.1", 0, hint="pick another")
+    with first:
+        port = first.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is already in use"):
+            bind_port("127.0.0.1", port, hint="pick another")
 
 
 def test_a_busy_port_is_a_one_line_error_before_anything_starts(
