@@ -74,6 +74,10 @@ def error_for_status(status: int, body: bytes, retry_after: str | None = None) -
     return UpstreamError(f"the model server failed with status {status}")
 
 
+def _error_of(response: httpx.Response, body: bytes) -> UpstreamError:
+    return error_for_status(response.status_code, body, response.headers.get("retry-after"))
+
+
 def _translate(exc: httpx.HTTPError) -> UpstreamError:
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"the model server did not answer in time ({type(exc).__name__})")
@@ -218,9 +222,7 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
         if response.status_code != 200:
-            raise error_for_status(
-                response.status_code, response.content, response.headers.get("retry-after")
-            )
+            raise _error_of(response, response.content)
         if len(response.content) > RESPONSE_BYTES_MAX:
             raise UpstreamError("the model server's answer is too large")
         try:
@@ -250,9 +252,7 @@ class Upstream:
                 await response.aclose()
             if response.status_code == 200:
                 raise UpstreamError(f"the model server answered with no stream: {_detail(content)}")
-            raise error_for_status(
-                response.status_code, content, response.headers.get("retry-after")
-            )
+            raise _error_of(response, content)
         return UpstreamStream(response)
 
     async def list_models(self) -> list[str]:
@@ -262,9 +262,7 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
         if response.status_code != 200:
-            raise error_for_status(
-                response.status_code, response.content, response.headers.get("retry-after")
-            )
+            raise _error_of(response, response.content)
         return [str(item.get("id")) for item in orjson.loads(response.content).get("data", [])]
 
     async def aclose(self) -> None:

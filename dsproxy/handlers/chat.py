@@ -606,8 +606,8 @@ class ChatStream:
         self.usage: Usage | None = None
         self.complete = False
         self._started_s = started_s
-        self._texts: list[str] = []
-        self._pending = 0  # chunks handed out and not yet marked delivered
+        self._texts: list[str] = []  # of the chunks delivered
+        self._pending: deque[list[str]] = deque()  # texts of chunks handed out, in order
         self._finish: asyncio.Task[Charge] | None = None
         self._text_bytes = 0  # of everything handed out: a token is at least one byte
         self._tokens_out: int | None = None  # counted once the bytes could pass the hold
@@ -636,13 +636,13 @@ class ChatStream:
                 tokens = await self.handler.tokenizer.count_async("".join(handed))
                 prompt = self.usage.prompt_tokens if self.usage else self.hold.prompt_tokens
                 self.usage = Usage(prompt, tokens) if tokens else None
-                self._pending += 1
+                self._pending.append([])
                 yield _length_end(chunk)
                 break
             handed += texts
-            self._pending += 1
+            self._pending.append(texts)
             yield chunk
-        self.complete = self._pending == 0
+        self.complete = not self._pending
 
     async def _passes_hold(self, handed: list[str], texts: list[str]) -> bool:
         """Whether handing out these texts too would pass the hold's completion tokens."""
@@ -664,13 +664,12 @@ class ChatStream:
 
     def delivered(self, chunk: StreamChunk) -> None:
         """The chunk reached the client's connection: it counts towards the charge."""
-        self._pending -= 1
-        self._texts.extend(_choice_texts(chunk.data.get("choices"), "delta"))
+        self._texts += self._pending.popleft()
 
     def skipped(self, chunk: StreamChunk) -> None:
         """The route sends nothing of this chunk (the dApp shows no reasoning): if the stream is
         cut, its text is not charged; if it ends, the upstream's usage is."""
-        self._pending -= 1
+        self._pending.popleft()
 
     def finish(self) -> asyncio.Task[Charge]:
         """Settle once (idempotent); await it shielded, it must survive a disconnect."""

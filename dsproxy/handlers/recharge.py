@@ -189,10 +189,6 @@ class RechargeHandler:
     async def _drive(self, payment: Payment) -> None:
         """Move a payment through its states until it is credited or has failed."""
         while payment.state in PaymentState.UNFINISHED:
-            if payment.state == PaymentState.EXPIRED and await self._landed_after_all(payment):
-                self._crash_point("confirmed")
-                await self._credit(payment)
-                return
             needs_signing = payment.state in (PaymentState.ACCEPTED, PaymentState.EXPIRED)
             if needs_signing and not await self._sign_and_send(payment):
                 return
@@ -202,8 +198,7 @@ class RechargeHandler:
             if isinstance(outcome, PaymentError):
                 await self._fail(payment, RefusalReason.PAYMENT_FAILED, str(outcome))
                 return
-            self._crash_point("confirmed")
-            await self._credit(payment)
+            await self._credit_landed(payment)
 
     async def _sign_and_send(self, payment: Payment) -> bool:
         """Build and sign one transaction, record its signature, then send it."""
@@ -222,7 +217,13 @@ class RechargeHandler:
                 prefix=self.sign_prefix,
             )
             if isinstance(verdict, Ineligible):
-                await self._fail(payment, RefusalReason(verdict.reason.value), verdict.detail)
+                reason = RefusalReason(verdict.reason.value)
+                if onchain is None or onchain.nonce <= payment.nonce:
+                    await self._fail(payment, reason, verdict.detail)
+                elif await self._signature_that_landed(payment, looking=True):
+                    await self._credit_landed(payment)
+                else:
+                    await self._record_failure(payment, reason, verdict.detail)
                 return False
         instruction = self.rpc.program.pay(
             user=Pubkey.from_string(payment.user),
@@ -264,32 +265,29 @@ class RechargeHandler:
             return await self._refused_or_pending(signed, exc)
         return True
 
-    async def _landed_after_all(self, payment: Payment) -> bool:
-        """Whether an expired payment landed after all. An RPC node behind the one that took
-        the transaction (load-balanced RPC) reports it not found, and the payment is declared
-        expired; the chain's nonce then moves past it and a new signature could only fail: the
-        user would have paid and never been credited. So while the nonce has moved and its
-        transaction is not found, look again for a while before failing it."""
-        onchain = await self.rpc.fetch_onchain_user(Pubkey.from_string(payment.user))
-        if onchain is None or onchain.nonce <= payment.nonce:
-            return False  # nothing of it landed (or this node lags too: `_fail` looks again)
-        if await self._signature_that_landed(payment) is not None:
-            return True
+    async def _signature_that_landed(self, payment: Payment, *, looking: bool = False) -> bool:
+        """Whether one of the payment's transactions succeeded on chain after all.
+
+        An RPC node behind the one that took a transaction (load-balanced RPC) reports it not
+        found until past its blockhash, and the payment is declared expired; the chain's nonce
+        has then moved past it, and a new signature could only fail: the user would have paid
+        and never been credited. `looking` (the nonce has moved): while none is found, look
+        again later (RpcError) for a while after the payment expired."""
+        for signature in reversed(payment.signatures):
+            if await self._landed(signature) is True:
+                log.warning("payment %s landed after all (%s)", payment.id, signature)
+                return True
         expired_at = payment.expired_at
-        if expired_at is not None and self.clock() < expired_at + LANDED_LOOKUP_GRACE_S:
+        if looking and expired_at is not None and self.clock() < expired_at + LANDED_LOOKUP_GRACE_S:
             raise RpcError(
                 f"pay {payment.signature} was found expired, yet the chain's nonce has moved"
                 " past it: looking for it again later"
             )
-        return False  # another payment moved the nonce: the eligibility check will say so
+        return False
 
-    async def _signature_that_landed(self, payment: Payment) -> str | None:
-        """One of the payment's transactions that succeeded on chain, if any did."""
-        for signature in reversed(payment.signatures):
-            if await self._landed(signature) is True:
-                log.warning("payment %s landed after all (%s)", payment.id, signature)
-                return signature
-        return None
+    async def _credit_landed(self, payment: Payment) -> None:
+        self._crash_point("confirmed")
+        await self._credit(payment)
 
     async def _landed(self, signature: str) -> PaymentError | bool | None:
         """True if it succeeded, its error if it failed on chain, None if it has not landed."""
@@ -341,10 +339,12 @@ class RechargeHandler:
         log.info("credited %d tokens for request %s", payment.tokens, payment.request_id)
 
     async def _fail(self, payment: Payment, reason: RefusalReason, detail: str) -> None:
-        if await self._signature_that_landed(payment) is not None:  # a node lagged: it is paid
-            self._crash_point("confirmed")
-            await self._credit(payment)
-            return
+        if await self._signature_that_landed(payment):  # a node lagged: it is paid after all
+            await self._credit_landed(payment)
+        else:
+            await self._record_failure(payment, reason, detail)
+
+    async def _record_failure(self, payment: Payment, reason: RefusalReason, detail: str) -> None:
         refused = Refused(payment.request_id, reason, detail, payment.user)
         status = seal(failure_status(refused), self.address, self.signer_secret)
         payment.fail(reason.value, detail, [status.id])
