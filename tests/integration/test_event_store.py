@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import orjson
 import pytest
 from eventsourcing.domain import Aggregate, event
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dsproxy.adapters.event_store import (
+    EVENTS_PER_INSERT_MAX,
     NOSTR_TOPIC,
     AsyncEventStore,
     EventStore,
@@ -54,6 +58,64 @@ def test_duplicates_inside_one_batch_are_stored_once(tmp_path: Path, address: Ad
     outcome = store.append_nostr([event, event, event])
     assert len(outcome.appended) == 1
     assert outcome.duplicates == (event.id, event.id)
+    store.close()
+
+
+_POOL = [credit(Address("dephy-dsproxy-controller", "3a" * 32), USER, n) for n in range(1, 9)]
+
+
+@given(
+    st.lists(st.lists(st.integers(0, len(_POOL) - 1), max_size=12), min_size=1, max_size=4),
+    st.booleans(),
+)
+def test_appends_store_each_event_once_in_order_whatever_repeats(
+    batches: list[list[int]], reopen: bool
+) -> None:
+    """Batches with repeats, inside themselves and of earlier batches: each event is appended
+    at its first sighting, at the next position, and every later sighting is a duplicate."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "events.sqlite"
+        store = EventStore(path)
+        seen: dict[str, int] = {}
+        for batch in batches:
+            events = [_POOL[index] for index in batch]
+            outcome = store.append_nostr(events)
+            expected_appended, expected_duplicates = [], []
+            for each in events:
+                if each.id in seen:
+                    expected_duplicates.append(each.id)
+                else:
+                    seen[each.id] = len(seen) + 1
+                    expected_appended.append((seen[each.id], each.id))
+            assert outcome.appended == tuple(expected_appended)
+            assert outcome.duplicates == tuple(expected_duplicates)
+            if reopen:
+                store.close()
+                store = EventStore(path)
+        stored = [
+            (record.position, orjson.loads(record.state)["id"]) for record in store.read(0, 100)
+        ]
+        assert stored == sorted((position, event_id) for event_id, position in seen.items())
+        store.close()
+
+
+def test_a_batch_larger_than_one_insert_keeps_its_order_and_duplicates(
+    tmp_path: Path, address: Address
+) -> None:
+    store = EventStore(tmp_path / "events.sqlite")
+    events = [credit(address, USER, n) for n in range(1, EVENTS_PER_INSERT_MAX + 11)]
+    store.append_nostr(events[EVENTS_PER_INSERT_MAX - 5 : EVENTS_PER_INSERT_MAX + 5])
+    outcome = store.append_nostr([*events, events[0]])
+    assert len(outcome.appended) == len(events) - 10
+    assert [position for position, _ in outcome.appended] == list(range(11, len(events) + 1))
+    assert set(outcome.duplicates) == {e.id for e in events[EVENTS_PER_INSERT_MAX - 5 :][:10]} | {
+        events[0].id
+    }
+    assert len(outcome.duplicates) == 11
+    fresh = EventStore(tmp_path / "events.sqlite")
+    ids = [orjson.loads(record.state)["id"] for record in fresh.read(10, 5_000)]
+    fresh.close()
+    assert ids == [e.id for e in events if e.id not in set(outcome.duplicates) - {events[0].id}]
     store.close()
 
 
