@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     token_hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user, expires_at);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY, user TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
     created_at INTEGER NOT NULL, revoked_at INTEGER
@@ -53,6 +54,9 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 """
 CHALLENGES_MAX = 100_000  # outstanding; expired ones are pruned, then the oldest make room
+SESSIONS_PER_USER_MAX = 20  # live logins of one user; past it, a new one ends the first to expire
+API_KEYS_ACTIVE_MAX = 100  # a user's unrevoked keys
+API_KEYS_REVOKED_KEPT = 100  # a user's newest revoked keys, listed; older ones are deleted
 
 
 @frozen
@@ -172,8 +176,16 @@ class AccountsDb:
         return Challenge(*rows[0]) if rows else None
 
     async def add_session(self, token_hash: str, user: str, expires_at: int, now: int) -> None:
+        """Record a login; past SESSIONS_PER_USER_MAX live ones, those that expire first end
+        (logins are free: without a bound, one key could fill the table)."""
         await self._write("DELETE FROM sessions WHERE expires_at < ?", (now,))
         await self._write("INSERT INTO sessions VALUES (?, ?, ?)", (token_hash, user, expires_at))
+        await self._write(  # the new one stays, and those of the others that expire last
+            "DELETE FROM sessions WHERE user = ? AND token_hash != ? AND token_hash NOT IN "
+            "(SELECT token_hash FROM sessions WHERE user = ? AND token_hash != ? "
+            "ORDER BY expires_at DESC, token_hash LIMIT ?)",
+            (user, token_hash, user, token_hash, SESSIONS_PER_USER_MAX - 1),
+        )
         await self._write(
             "INSERT INTO users VALUES (?, ?, ?) ON CONFLICT (user) DO UPDATE SET updated_at = ?",
             (user, now, now, now),
@@ -211,12 +223,16 @@ class AccountsDb:
 
     # --- API keys --------------------------------------------------------------------------------
 
-    async def add_api_key(self, user: str, key_hash: str, name: str, now: int) -> ApiKeyRow:
+    async def add_api_key(self, user: str, key_hash: str, name: str, now: int) -> ApiKeyRow | None:
+        """A new key, or None if the user has API_KEYS_ACTIVE_MAX unrevoked ones already (the
+        count and the insert are one statement, so racing requests cannot pass it together)."""
         key_id = "key_" + uuid.uuid4().hex[:16]
-        await self._write(
-            "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)", (key_id, user, key_hash, name, now)
+        added = await self._write(
+            "INSERT INTO api_keys SELECT ?, ?, ?, ?, ?, NULL WHERE (SELECT COUNT(*) FROM api_keys "
+            "WHERE user = ? AND revoked_at IS NULL) < ?",
+            (key_id, user, key_hash, name, now, user, API_KEYS_ACTIVE_MAX),
         )
-        return ApiKeyRow(key_id, name, now, None)
+        return ApiKeyRow(key_id, name, now, None) if added == 1 else None
 
     async def api_keys(self, user: str) -> list[ApiKeyRow]:
         rows = await self._rows(
@@ -232,8 +248,15 @@ class AccountsDb:
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND user = ? AND revoked_at IS NULL",
             (now, key_id, user),
         )
-        self._bearers.clear()  # which hash was that key's is not kept: forget them all
-        self._revocations += 1  # and a lookup that read before this must not cache its answer
+        if changed == 1:  # a refused revoke (anyone can send one) keeps everyone's cache
+            self._bearers.clear()  # which hash was that key's is not kept: forget them all
+            self._revocations += 1  # and a lookup that read before this must not cache it
+            await self._write(
+                "DELETE FROM api_keys WHERE user = ? AND revoked_at IS NOT NULL AND id NOT IN "
+                "(SELECT id FROM api_keys WHERE user = ? AND revoked_at IS NOT NULL "
+                "ORDER BY revoked_at DESC, id LIMIT ?)",
+                (user, user, API_KEYS_REVOKED_KEPT),
+            )
         return changed == 1
 
     # --- conversations ---------------------------------------------------------------------------

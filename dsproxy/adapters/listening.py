@@ -16,7 +16,8 @@ LISTEN_BACKLOG = 2048  # uvicorn's default
 def bind_port(host: str, port: int, *, hint: str) -> socket.socket:
     """A socket bound to (host, port); `hint` tells the user how to pick another port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP: asyncio sets TCP_NODELAY on the connections of a socket it knows is TCP
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -48,13 +48,10 @@ def _detail(body: bytes) -> str:
 
 def _seconds(retry_after: str | None) -> int | None:
     """A `retry-after` in seconds (an HTTP date is not passed on), at most an hour."""
-    if (
-        retry_after is None
-        or not retry_after.strip().isascii()
-        or not retry_after.strip().isdigit()
-    ):
+    seconds = (retry_after or "").strip()
+    if not (seconds.isascii() and seconds.isdigit()):
         return None
-    return min(int(retry_after.strip()), 3600)
+    return 3600 if len(seconds) > 4 else min(int(seconds), 3600)  # int() refuses 4,301 digits
 
 
 def error_for_status(status: int, body: bytes, retry_after: str | None = None) -> UpstreamError:

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from dsproxy.adapters.accounts_db import API_KEYS_ACTIVE_MAX
 from dsproxy.domain.accounts import (
     API_KEY_PREFIX,
     SESSION_PREFIX,
@@ -105,6 +106,12 @@ def routes(backend: Backend) -> list[Route]:
             )
         key = new_secret(API_KEY_PREFIX)
         row = await backend.accounts.add_api_key(user, hash_secret(key), name, now_s())
+        if row is None:
+            raise InvalidParameter(
+                f"a user may have at most {API_KEYS_ACTIVE_MAX} active API keys: revoke one first",
+                param="name",
+                code="api_key_limit_reached",
+            )
         shown_once = {"id": row.id, "name": row.name, "key": key, "created_at": row.created_at}
         return json_response(shown_once, 201)
 
@@ -130,7 +137,11 @@ def routes(backend: Backend) -> list[Route]:
     async def transactions(request: Request) -> Response:
         user = await authenticate(request, backend)
         raw = request.query_params.get("limit", "100")
-        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= TRANSACTIONS_LIMIT_MAX:
+        # the length first: int() refuses more than 4,300 digits (a ValueError, then a 500)
+        if (
+            not (raw.isascii() and raw.isdigit() and len(raw) <= 9)
+            or not 1 <= int(raw) <= TRANSACTIONS_LIMIT_MAX
+        ):
             raise InvalidParameter(f"limit must be 1..{TRANSACTIONS_LIMIT_MAX}", param="limit")
         postings = await backend.node.ledger.db.postings(user, int(raw))
         data = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from dsproxy.adapters.accounts_db import BEARER_CACHED_S, AccountsDb
+from dsproxy.adapters.accounts_db import API_KEYS_REVOKED_KEPT, BEARER_CACHED_S, AccountsDb
 from dsproxy.domain.accounts import Challenge
 
 USER = "8fL4sZ7rYbQ2vN6mK3xW9tH5pJ1cD4eF7gA2hB6kM9n"
@@ -55,6 +55,25 @@ async def test_revoked_keys_stop_here_at_once_and_elsewhere_within_the_cache_tim
         await elsewhere.close()
 
 
+async def test_a_revoke_refused_forgets_no_remembered_key(tmp_path: Path) -> None:
+    """Anyone logged in could send every user's requests back to the database by revoking a
+    key id that is not theirs: the refused revoke emptied the whole cache."""
+    clock = Clock()
+    here = await AccountsDb.open(tmp_path / "backend.sqlite", clock)
+    elsewhere = await AccountsDb.open(tmp_path / "backend.sqlite", clock)
+    try:
+        key = await here.add_api_key(USER, "key-hash", "sdk", now=1_000)
+        assert await here.user_for("key-hash", now=1_000) == USER
+        # revoked by another process: this one still remembers it, which makes it observable
+        assert await elsewhere.revoke_api_key(USER, key.id, now=1_001)
+        assert not await here.revoke_api_key("someone-else", key.id, now=1_002)
+        assert not await here.revoke_api_key(USER, "key_nope", now=1_002)
+        assert await here.user_for("key-hash", now=1_003) == USER  # still remembered
+    finally:
+        await here.close()
+        await elsewhere.close()
+
+
 async def test_a_lookup_racing_a_revoke_does_not_keep_the_key_alive(tmp_path: Path) -> None:
     """A lookup that read the key before the revoke landed used to cache it after the revoke
     had cleared the cache: the revoked key then worked for BEARER_CACHED_S more."""
@@ -83,5 +102,20 @@ async def test_a_full_challenge_table_makes_room_instead_of_locking_everyone_out
             await accounts.add_challenge(challenge, now=1_000 + index)
         taken = [await accounts.take_challenge(f"nonce-{index}") for index in range(5)]
         assert [challenge is not None for challenge in taken] == [False, False, True, True, True]
+    finally:
+        await accounts.close()
+
+
+async def test_revoked_keys_kept_are_the_newest(tmp_path: Path) -> None:
+    """Create-and-revoke in a loop made revoked rows (all listed) without end."""
+    accounts = await AccountsDb.open(tmp_path / "backend.sqlite", Clock())
+    try:
+        for n in range(API_KEYS_REVOKED_KEPT + 5):
+            key = await accounts.add_api_key(USER, f"hash-{n}", "sdk", now=1_000 + n)
+            assert key is not None
+            assert await accounts.revoke_api_key(USER, key.id, now=1_000 + n)
+        listed = await accounts.api_keys(USER)
+        assert len(listed) == API_KEYS_REVOKED_KEPT
+        assert min(row.revoked_at or 0 for row in listed) == 1_005
     finally:
         await accounts.close()

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from dsproxy.adapters.accounts_db import API_KEYS_ACTIVE_MAX, SESSIONS_PER_USER_MAX
 from dsproxy.config import Settings, load_settings
 from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     PUBLIC_URL,
@@ -146,6 +147,29 @@ async def test_an_api_key_cannot_manage_keys_or_revoke_anothers(
     assert models.status_code == 200
 
 
+async def test_a_user_has_a_bounded_number_of_keys_and_logins(
+    client: httpx.AsyncClient,
+) -> None:
+    """A fresh wallet with no balance made 1,000 keys and 200 live logins: both are bounded, a
+    login past the bound ends one that expires first, and a key past it is refused until one is
+    revoked."""
+    sessions = [await login(client, WALLET) for _ in range(SESSIONS_PER_USER_MAX + 2)]
+    works = [
+        (await client.get("/v1/balance", headers=bearer(token))).status_code for token in sessions
+    ]
+    # logins of one second expire together: which of them ended is not said, only how many
+    assert works.count(200) == SESSIONS_PER_USER_MAX and works[-1] == 200
+    session = sessions[-1]
+    keys = [await create_api_key(client, session, f"k{n}") for n in range(API_KEYS_ACTIVE_MAX)]
+    refused = await client.post("/v1/api-keys", json={"name": "one more"}, headers=bearer(session))
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "api_key_limit_reached"
+    revoked = await client.delete(f"/v1/api-keys/{keys[0]['id']}", headers=bearer(session))
+    assert revoked.status_code == 200
+    assert (await create_api_key(client, session, "again"))["key"].startswith("dsk-")
+    assert (await client.get("/v1/models", headers=bearer(keys[1]["key"]))).status_code == 200
+
+
 async def test_user_and_transactions_show_the_ledger(
     client: httpx.AsyncClient, backend_settings: Settings
 ) -> None:
@@ -156,7 +180,8 @@ async def test_user_and_transactions_show_the_ledger(
     assert user["tokens_consumed"] == 0
     ledger = (await client.get("/v1/transactions", headers=bearer(session))).json()
     assert [(entry["tokens"], len(entry["event_id"])) for entry in ledger["data"]] == [(500, 64)]
-    for limit in ("0", "1001", "%C2%B2", "x"):  # "²" is a digit to str.isdigit, not to int()
+    # "²" is a digit to str.isdigit, not to int(); nor are 4,301 digits (a 500, once)
+    for limit in ("0", "1001", "%C2%B2", "x", "1" * 4301):
         bad = await client.get(f"/v1/transactions?limit={limit}", headers=bearer(session))
         assert (bad.status_code, bad.json()["error"]["param"]) == (400, "limit")
 

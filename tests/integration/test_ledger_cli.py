@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -341,6 +342,26 @@ def test_a_port_taken_is_taken_at_once() -> None:
         port = first.getsockname()[1]
         with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is already in use"):
             bind_port("127.0.0.1", port, hint="pick another")
+
+
+async def test_connections_to_a_bound_port_send_small_writes_at_once() -> None:
+    """asyncio sets TCP_NODELAY only on sockets it knows are TCP: on ours (protocol 0) Nagle's
+    wait met the client's delayed ACK, and every keep-alive request took 40 ms more."""
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(
+        on_connection, sock=bind_port("127.0.0.1", 0, hint="pick another")
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(accepted, 10) != 0
+        writer.close()
 
 
 def test_a_busy_port_is_a_one_line_error_before_anything_starts(

@@ -205,3 +205,21 @@ async def test_a_stream_is_read_as_utf8_even_split_inside_a_character() -> None:
             await client.aclose()
     assert [c["choices"][0]["delta"]["content"] for c in received] == ["你好, Grüße"]
     assert stream.finished
+
+
+@pytest.mark.parametrize(("sent", "passed_on"), [("7", 7), ("86400", 3600), ("9" * 5000, 3600)])
+async def test_a_429s_retry_after_is_passed_on_within_an_hour(sent: str, passed_on: int) -> None:
+    """A 5,000-digit retry-after made int() raise, and the 429 became a 500."""
+
+    async def busy(request: Request) -> JSONResponse:
+        return JSONResponse({"error": {"message": "slow down"}}, 429, {"retry-after": sent})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", busy, methods=["POST"])])
+    with serve_in_thread(app) as base:
+        client = Upstream(base + "/v1", "key", timeout_s=5)
+        try:
+            with pytest.raises(UpstreamRateLimited) as refused:
+                await client.complete(chat("hi"))
+        finally:
+            await client.aclose()
+    assert refused.value.retry_after_s == passed_on
