@@ -47,6 +47,7 @@ __all__ = [
     "RelayUnavailable",
     "build_local_relay",
     "fetch_history",
+    "history_passes",
     "session_filter",
 ]
 
@@ -59,6 +60,7 @@ CHUNK_EVENTS = 256
 """A history page goes to the caller in chunks of this many events (the last may be shorter)."""
 
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
+FRESH_ANSWERS_AT_ONE_UNTIL_MAX = 3  # an honest relay repeats a query's second at most once
 HEARTBEAT_S = 30.0
 """aiohttp pings this often and drops a connection whose pong does not come back."""
 
@@ -70,14 +72,21 @@ class RelayUnavailable(DsproxyError):
 
 
 def session_filter(
-    address: Address, since: int | None = None, until: int | None = None, limit: int | None = None
+    address: Address,
+    since: int | None = None,
+    until: int | None = None,
+    limit: int | None = None,
+    *,
+    authors: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The NIP-01 filter of our session and machine: kind 1573, `#s`, `#p`."""
+    """The NIP-01 filter of our session and machine: kind 1573, `#s`, `#p` (and `authors`)."""
     query: dict[str, Any] = {
         "kinds": [DEPHY_KIND],
         "#s": [address.session],
         "#p": [address.machine],
     }
+    if authors is not None:
+        query["authors"] = list(authors)
     for key, value in (("since", since), ("until", until), ("limit", limit)):
         if value is not None:
             query[key] = value
@@ -102,6 +111,7 @@ class HistoryPager:
     since: int
     page_max: int
     until: int | None = None
+    authors: tuple[str, ...] | None = field(default=None, kw_only=True)
     most_returned: int = 0
     overflowed: bool = False  # the last answer ended at a second fuller than one answer
     last_returned: int = 0  # events in the asked window in the last answer
@@ -109,9 +119,10 @@ class HistoryPager:
     _oldest: int | None = None  # the oldest well-formed `created_at` in the answer
     _returned: int = 0
     _fresh: int = 0
+    _fresh_at_until: int = 0  # answers in a row with new events that left `until` where it was
 
     def query(self, address: Address) -> dict[str, Any]:
-        return session_filter(address, self.since, self.until, self.page_max)
+        return session_filter(address, self.since, self.until, self.page_max, authors=self.authors)
 
     def take(self, chunk: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """The events of this part of the answer that are new and inside the asked window."""
@@ -144,6 +155,16 @@ class HistoryPager:
             return False
         if fresh:
             following = oldest + 1 if self.until is None else min(oldest + 1, self.until)
+            stuck = following == self.until
+            self._fresh_at_until = self._fresh_at_until + 1 if stuck else 0
+            if self.until is not None and self._fresh_at_until >= FRESH_ANSWERS_AT_ONE_UNTIL_MAX:
+                # a relay serving new events at one second answer after answer (a flood, or a
+                # relay that makes them up) would keep this query, and its ids, forever
+                self._fresh_at_until = 0
+                self.overflowed = True
+                following = self.until - 1
+                if following < self.since:
+                    return False
         elif returned < self.most_returned:
             return False
         else:
@@ -154,6 +175,20 @@ class HistoryPager:
         self.until = following
         self._seen = {event_id: at for event_id, at in self._seen.items() if at <= following}
         return True
+
+
+def history_passes(trusted: Sequence[str], untrusted_too: bool) -> list[tuple[str, ...] | None]:
+    """The `authors` of each history fetch after a (re)connect.
+
+    Anyone may publish with our `#s` and `#p`: a few hundred events in the second of a credit
+    fill a relay's capped answer, and paging cannot reach past a full second. Events by the
+    keys we trust are therefore fetched on their own first; a node that also needs other
+    authors' events (a controller: users' Requests) then pages through everything.
+    """
+    if not trusted:
+        return [None]
+    authors = tuple(sorted(set(trusted)))
+    return [authors, None] if untrusted_too else [authors]
 
 
 def _websocket_url(url: str) -> URL:
@@ -326,7 +361,8 @@ class RelayConnection:
         """Every stored event of one filter, in chunks as they arrive; ends at the EOSE.
 
         Raises RelayUnavailable if the relay closes the query, the connection drops, or
-        `timeout_s` passes with neither a full chunk nor the EOSE.
+        `timeout_s` passes with no event and no EOSE (a relay that sends slowly has what it
+        sent handed on every `timeout_s`, and is waited for).
         """
         subscription = f"page-{next(_subscription_numbers)}"
         page = self._pages[subscription] = _Page(chunk_len)
@@ -337,9 +373,11 @@ class RelayConnection:
                     async with asyncio.timeout(self.timeout_s):
                         await page.ready.wait()
                 except TimeoutError:
-                    raise RelayUnavailable(
-                        f"{self.url} sent neither events nor EOSE for {self.timeout_s} s on {query}"
-                    ) from None
+                    if not page.events:  # a part of a chunk is progress: hand it on below
+                        raise RelayUnavailable(
+                            f"{self.url} sent neither events nor EOSE for {self.timeout_s} s "
+                            f"on {query}"
+                        ) from None
                 complete, chunk = page.complete, page.take()  # complete may change at yield
                 if page.failed is not None:
                     raise RelayUnavailable(f"{self.url}: history query failed: {page.failed}")
@@ -435,10 +473,15 @@ class HistoryPage:
 
 
 async def fetch_history(
-    connection: RelayConnection, address: Address, since: int, page_max: int
+    connection: RelayConnection,
+    address: Address,
+    since: int,
+    page_max: int,
+    authors: tuple[str, ...] | None = None,
 ) -> AsyncIterator[HistoryPage]:
-    """Every stored event of the session from `since` on, newest page first, once each."""
-    pager = HistoryPager(since, page_max)
+    """Every stored event of the session from `since` on (by `authors` only, if given), newest
+    page first, once each."""
+    pager = HistoryPager(since, page_max, authors=authors)
     while True:
         async with contextlib.aclosing(connection.read_page(pager.query(address))) as chunks:
             async for chunk in chunks:

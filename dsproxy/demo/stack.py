@@ -305,7 +305,7 @@ async def start_controller(
     exits: contextlib.AsyncExitStack, settings: Settings, bot: Keypair
 ) -> tuple[Node, list[asyncio.Task[Any]]]:
     """A controller as `dsproxy controller` builds one: node, chain client, handler, loop."""
-    node = await Node.open(settings)
+    node = await Node.open(settings, untrusted_too=True)  # users' Requests
     exits.push_async_callback(node.aclose)
     rpc = await exits.enter_async_context(
         BalancePaymentRpc.connect(

@@ -80,7 +80,7 @@ async def _serve(settings: Settings) -> int:
         log.warning("this controller's key is not in DSPROXY_TRUSTED_CONTROLLERS: "
                     "its own projection will not count its credits")  # fmt: skip
     settings.require_machine()  # fail before opening anything
-    node = await Node.open(settings)
+    node = await Node.open(settings, untrusted_too=True)  # users' Requests
     try:
         async with BalancePaymentRpc.connect(
             settings.solana_rpc_url,

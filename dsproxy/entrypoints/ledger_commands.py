@@ -169,6 +169,7 @@ async def _replay(settings: Settings, from_relay: str | None = None, since: int 
                     since=since,
                     limits=ingest_limits(settings),
                     progress=bar.update,
+                    trusted=(*policy.controllers, *policy.backends),
                 )
             print(
                 f"fetched {fetched.received} events from {from_relay}: {fetched.appended} new, "

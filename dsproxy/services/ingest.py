@@ -36,6 +36,7 @@ from dsproxy.adapters.relay import (
     RelayConnection,
     RelayUnavailable,
     fetch_history,
+    history_passes,
     session_filter,
 )
 from dsproxy.adapters.sqlite_file import open_sqlite
@@ -230,10 +231,17 @@ class Ingest:
         limits: IngestLimits = IngestLimits(),
         on_appended: Callable[[], None] = lambda: None,
         own_pubkey: str | None = None,
+        trusted: Sequence[str] = (),
+        untrusted_too: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`trusted`: the keys whose events this node folds (with its own); `untrusted_too`:
+        it also needs events by anyone else (a controller, for users' Requests)."""
         self.store, self.checkpoints, self.address = store, checkpoints, address
         self.limits = limits
+        trusted = tuple(trusted) + ((own_pubkey,) if own_pubkey and trusted else ())
+        self._history_passes = history_passes(trusted, untrusted_too)
+        self._live_authors = None if untrusted_too else self._history_passes[0]
         self.on_appended = on_appended
         self.own_pubkey = own_pubkey
         self.clock = clock
@@ -266,19 +274,22 @@ class Ingest:
                 self.stats.sessions += 1
                 await self._enqueue(SessionStarted(url))
                 # Live first, then history: nothing can fall between the two.
-                await connection.subscribe_live(session_filter(self.address, limit=1))
+                await connection.subscribe_live(
+                    session_filter(self.address, limit=1, authors=self._live_authors)
+                )
                 checkpoint = await self.checkpoints.get(url)
                 since = (
                     0 if checkpoint is None else max(0, checkpoint - self.limits.history_overlap_s)
                 )
-                history = fetch_history(
-                    connection, self.address, since, self.limits.events_per_page_max
-                )
-                async with contextlib.aclosing(history):
-                    async for page in history:
-                        self.stats.overflowed_pages += page.overflowed
-                        if page.events:
-                            await self._enqueue(Incoming(url, page.events))
+                for authors in self._history_passes:
+                    history = fetch_history(
+                        connection, self.address, since, self.limits.events_per_page_max, authors
+                    )
+                    async with contextlib.aclosing(history):
+                        async for page in history:
+                            self.stats.overflowed_pages += page.overflowed
+                            if page.events:
+                                await self._enqueue(Incoming(url, page.events))
                 await self._enqueue(CaughtUp(url))
                 log.info("%s: caught up from %s", url, since)
                 reason = await connection.wait_lost()
@@ -493,30 +504,33 @@ async def fetch_into_store(
     since: int = 0,
     limits: IngestLimits = IngestLimits(),
     progress: Callable[[int], None] | None = None,
+    trusted: Sequence[str] = (),
 ) -> FetchReport:
-    """Page the whole history of the session from one relay into the store (for `replay`)."""
+    """Page the whole history of the session from one relay into the store (for `replay`):
+    the `trusted` keys' events first, then everyone's."""
     connection = RelayConnection(url, timeout_s=limits.relay_timeout_s)
     await connection.open()
     received = appended = duplicates = 0
     refused: Counter[str] = Counter()
     try:
-        history = fetch_history(connection, address, since, limits.events_per_page_max)
-        async with contextlib.aclosing(history):
-            async for page in history:
-                verdicts = await asyncio.to_thread(
-                    _admit_all, list(page.events), address, limits.content_bytes_max
-                )
-                good = [verdict for verdict in verdicts if isinstance(verdict, NostrEvent)]
-                for verdict in verdicts:
-                    if isinstance(verdict, Refusal):
-                        refused[verdict.kind] += 1
-                        log.warning("refused an event from %s: %s", url, verdict.reason)
-                outcome = await store.append_nostr(good)
-                received += len(verdicts)
-                appended += len(outcome.appended)
-                duplicates += len(outcome.duplicates)
-                if progress is not None:
-                    progress(len(verdicts))
+        for authors in history_passes(trusted, untrusted_too=True):
+            history = fetch_history(connection, address, since, limits.events_per_page_max, authors)
+            async with contextlib.aclosing(history):
+                async for page in history:
+                    verdicts = await asyncio.to_thread(
+                        _admit_all, list(page.events), address, limits.content_bytes_max
+                    )
+                    good = [verdict for verdict in verdicts if isinstance(verdict, NostrEvent)]
+                    for verdict in verdicts:
+                        if isinstance(verdict, Refusal):
+                            refused[verdict.kind] += 1
+                            log.warning("refused an event from %s: %s", url, verdict.reason)
+                    outcome = await store.append_nostr(good)
+                    received += len(verdicts)
+                    appended += len(outcome.appended)
+                    duplicates += len(outcome.duplicates)
+                    if progress is not None:
+                        progress(len(verdicts))
     finally:
         await connection.close()
     return FetchReport(received, appended, duplicates, tuple(sorted(refused.items())))

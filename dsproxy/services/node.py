@@ -51,6 +51,8 @@ class Node:
         ledger: LedgerNode,
         checkpoints: CheckpointDb,
         author: str | None,
+        *,
+        untrusted_too: bool = False,
     ) -> None:
         self.settings, self.ledger, self.checkpoints, self.author = (
             settings,
@@ -66,6 +68,8 @@ class Node:
             limits=ingest_limits(settings),
             on_appended=self.wake.set,
             own_pubkey=author,
+            trusted=(*settings.trusted_controllers, *settings.trusted_backends),
+            untrusted_too=untrusted_too,
         )
         self.publisher = (
             RelayPublisher(settings.relays, timeout_s=settings.relay_timeout_s)
@@ -88,8 +92,11 @@ class Node:
         )
 
     @classmethod
-    async def open(cls, settings: Settings) -> Node:
-        """Open the store, the projection (every fact projection) and the checkpoints."""
+    async def open(cls, settings: Settings, *, untrusted_too: bool = False) -> Node:
+        """Open the store, the projection (every fact projection) and the checkpoints.
+
+        A node receives the events of the keys it trusts; `untrusted_too` also those of anyone
+        else (a controller needs users' Requests)."""
         author = own_pubkey(settings)
         ledger = await open_ledger(settings)
         try:
@@ -97,7 +104,7 @@ class Node:
         except BaseException:  # what is open would keep the process from exiting
             await ledger.aclose()
             raise
-        return cls(settings, ledger, checkpoints, author)
+        return cls(settings, ledger, checkpoints, author, untrusted_too=untrusted_too)
 
     async def append(self, events: Sequence[NostrEvent]) -> AppendOutcome:
         """Store our own signed events (the outbox publishes them) and project them now."""

@@ -170,6 +170,8 @@ def _loads(text: Any, where: str) -> Any:
         raise _fail(where, "nested too deeply") from None
     except MalformedMessage as exc:
         raise _fail(where, str(exc)) from None
+    except ValueError as exc:  # an integer of over 4,300 digits: once, it stopped every fold
+        raise _fail(where, f"not valid JSON ({exc})") from None
 
 
 def _dumps(value: Any) -> str:

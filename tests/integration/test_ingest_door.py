@@ -14,6 +14,7 @@ import pytest
 from dsproxy.bootstrap import LedgerNode, open_ledger
 from dsproxy.config import Settings
 from dsproxy.services.ingest import CheckpointDb, Incoming, Ingest, IngestLimits, Refusal, admit
+from dsproxy.services.node import Node
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import NostrEvent, public_key_of, sign_event
 from dsproxy.wire.messages import Transaction
@@ -25,7 +26,6 @@ from tests.integration.relay_fixtures import (
     eventually,
     local_relay,
     publish,
-    running_node,
     totals,
 )
 
@@ -151,20 +151,34 @@ async def test_strange_events_through_a_relay_move_no_balance(
     sentinel = seal(Transaction(USERS[1], 99), address, CONTROLLER_SECRET, int(time.time()))
     await publish(local_relay, relayed)
     await publish(local_relay, [sentinel])
-    async with running_node(settings) as node:
+    for untrusted_too in (False, True):  # a backend, then a controller (users' Requests)
+        directory = settings.data_dir / f"untrusted-{untrusted_too}"
+        node = await Node.open(settings.replace(data_dir=directory), untrusted_too=untrusted_too)
+        stop = asyncio.Event()
+        task = asyncio.create_task(node.run(stop))
+        try:
 
-        async def settled() -> bool:
-            return await balances(node) == [0, 99, 0, 0] and set(node.ingest.stats.refused) == {
-                "oversized",
-                "invalid_json",
-            }
+            async def settled(node: Node = node, appended: int = 1 + untrusted_too) -> bool:
+                refused = set(node.ingest.stats.refused)
+                return (
+                    await balances(node) == [0, 99, 0, 0]
+                    and refused == {"oversized", "invalid_json"}
+                    and node.ingest.stats.appended == appended
+                )
 
-        await eventually(settled, "the sentinel credit and two refusals")
-        # Other sessions and machines never arrive: the subscription filters them out.
-        # (a delivery is counted each time: the live subscription may repeat the newest one)
-        assert set(node.ingest.stats.refused) == {"oversized", "invalid_json"}
-        assert node.ingest.stats.appended == 2
-        assert node.ledger.store.sync.contains(events["untrusted_author"].id)
+            await eventually(settled, "the sentinel credit, two refusals (and the stranger's)")
+            # Other sessions and machines never arrive: the subscription filters them out, and
+            # a backend does not ask for untrusted authors at all; a controller stores theirs
+            # for audit and its ledger ignores them.
+            # (a delivery is counted each time: the live subscription may repeat the newest one)
+            assert set(node.ingest.stats.refused) == {"oversized", "invalid_json"}
+            assert node.ingest.stats.appended == 1 + untrusted_too
+            stored = node.ledger.store.sync.contains(events["untrusted_author"].id)
+            assert stored == untrusted_too
+        finally:
+            stop.set()
+            await task
+            await node.aclose()
 
 
 async def test_a_large_batch_is_verified_in_slices_and_each_verdict_meets_its_event(

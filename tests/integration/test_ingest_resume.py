@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
+
+from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.config import Settings
-from dsproxy.wire.envelope import Address
-from tests.conftest import CONTROLLER_SECRET
+from dsproxy.services.ingest import fetch_into_store
+from dsproxy.services.node import Node
+from dsproxy.wire.envelope import Address, seal
+from dsproxy.wire.event import public_key_of, sign_event
+from dsproxy.wire.messages import Transaction
+from tests.conftest import CONTROLLER_SECRET, STRANGER_SECRET
 from tests.integration.relay_fixtures import (
+    USERS,
+    balance,
     balances,
     credits,
     eventually,
@@ -77,3 +88,47 @@ async def test_live_events_reach_the_balance(
 
         await eventually(credited, "the live credits")
         assert await postings_count(node) == 10
+
+
+async def test_a_flood_in_the_second_of_a_credit_does_not_hide_it_from_history(
+    local_relay: str, node_settings: Settings, address: Address, tmp_path
+) -> None:
+    """Anyone may publish with our tags: 600 junk events in a credit's second, with ids that
+    sort before it, filled the relay's 500-event answers and the credit was never fetched
+    (by a backend, a controller or `replay --from-relay`), while the checkpoint moved on."""
+    second = int(time.time()) - 5
+    for tokens in itertools.count(1_000):  # an id in the upper half: junk before it is quick
+        credit = seal(Transaction(USERS[0], tokens), address, CONTROLLER_SECRET, second)
+        if credit.id >= "8":
+            break
+    tags = (("s", address.session), ("p", address.machine))
+    junk = (sign_event(STRANGER_SECRET, 1573, tags, f'{{"n":{n}}}', second) for n in range(5_000))
+    flood = list(itertools.islice((event for event in junk if event.id < credit.id), 600))
+    assert len(flood) == 600
+    await publish(local_relay, [credit, *flood])
+    settings = node_settings.replace(relays=(local_relay,))
+    assert public_key_of(CONTROLLER_SECRET) in settings.trusted_controllers
+
+    for untrusted_too in (False, True):  # a backend, then a controller
+        data_dir = tmp_path / f"untrusted-{untrusted_too}"
+        node = await Node.open(settings.replace(data_dir=data_dir), untrusted_too=untrusted_too)
+        stop = asyncio.Event()
+        task = asyncio.create_task(node.run(stop))
+        try:
+
+            async def credited(node: Node = node) -> bool:
+                return await balance(node, USERS[0]) == tokens
+
+            await eventually(credited, "the credit folded")
+        finally:
+            stop.set()
+            await task
+            await node.aclose()
+
+    store = AsyncEventStore.open(tmp_path / "replayed.sqlite")
+    try:
+        trusted = (public_key_of(CONTROLLER_SECRET),)
+        await fetch_into_store(local_relay, store, address, trusted=trusted)
+        assert await store.contains(credit.id)
+    finally:
+        await store.close()

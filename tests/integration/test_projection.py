@@ -6,6 +6,8 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import orjson
+
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.bootstrap import open_ledger, trust_policy
 from dsproxy.config import Settings
@@ -181,6 +183,32 @@ async def test_a_request_stored_with_a_date_past_sqlite_integers_does_not_stop_t
     """The door now refuses such dates; a store written before that may still hold one."""
     tags = [["s", address.session], ["p", address.machine]]
     poison = sign_event(STRANGER_SECRET, 1573, tags, '{"Request":{}}', 2**63)
+    node = await open_ledger(node_settings)
+    try:
+        await node.store.append_nostr([poison, credit(address, ALICE, 40)])
+        await node.projector.catch_up()
+        assert [row.balance for row in await node.db.accounts()] == [40]
+    finally:
+        await node.aclose()
+
+
+async def test_a_request_with_an_integer_too_long_to_read_is_ignored_and_folding_goes_on(
+    node_settings: Settings, address: Address
+) -> None:
+    """Anyone could sign it: the projector raised on it at every start, stopping every node."""
+    tags = [["s", address.session], ["p", address.machine]]
+    payload = '{"nonce":' + "1" * 5_000 + "}"
+    content = orjson.dumps(
+        {
+            "Request": {
+                "to_status": "Working",
+                "reason": "UserRequest",
+                "initial_request": "0" * 64,
+                "payload": payload,
+            }
+        }
+    ).decode()
+    poison = sign_event(STRANGER_SECRET, 1573, tags, content, 1_767_225_700)
     node = await open_ledger(node_settings)
     try:
         await node.store.append_nostr([poison, credit(address, ALICE, 40)])

@@ -68,6 +68,22 @@ async def test_a_silent_relay_fails_the_page_after_the_timeout() -> None:
             await connection.fetch_page({"kinds": [1573]})
 
 
+async def test_a_relay_that_sends_slowly_is_read_to_its_eose(address: Address) -> None:
+    """A page was failed when `timeout_s` passed without a full chunk, throwing away what had
+    come: a relay sending a few events a second was never read, session after session."""
+    events = [credit(address, tokens) for tokens in range(1, 7)]
+
+    async def drips(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "REQ":
+            for event in events:
+                await ws.send_str(orjson.dumps(["EVENT", message[1], event]).decode())
+                await asyncio.sleep(0.3)
+            await ws.send_str(orjson.dumps(["EOSE", message[1]]).decode())
+
+    async with scripted_relay(drips) as url, connected(url, 1) as connection:
+        assert await connection.fetch_page({"kinds": [1573]}) == events
+
+
 async def test_a_closed_query_fails_with_the_relays_reason(address: Address) -> None:
     async def closes(ws: web.WebSocketResponse, message: list[Any]) -> None:
         if message[0] == "REQ":

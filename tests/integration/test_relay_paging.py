@@ -104,6 +104,24 @@ def test_paging_ends_even_against_a_relay_that_ignores_until(
     assert queries <= 45 and len(got) <= min(asked, cap)
 
 
+def test_paging_ends_against_a_relay_that_makes_up_new_events_at_each_until() -> None:
+    """Junk with new ids at the asked `until` kept the query where it was, answer after answer,
+    and remembered every id: memory grew without end and the history never finished."""
+    made_up = itertools.count()
+    pager = HistoryPager(1_990, 500)
+    queries = overflows = 0
+    while True:
+        queries += 1
+        assert queries <= 4 * 12, "paging did not end"
+        until = pager.query(Address("s", "p" * 64)).get("until", 2_000)
+        pager.take([{"id": f"junk-{next(made_up)}", "created_at": until} for _ in range(500)])
+        assert len(pager._seen) <= 4 * 500  # the answers of two seconds at most
+        if not pager.answered():
+            break
+        overflows += pager.overflowed
+    assert overflows >= 10  # each second given up on is said to be
+
+
 def test_a_short_answer_ends_paging_only_once_the_relay_has_shown_it_could_send_more() -> None:
     """A relay that caps at 300 while we ask 5,000: the first short answer is not the end."""
     created_ats = [second for second in range(100) for _ in range(10)]  # 1,000 events
