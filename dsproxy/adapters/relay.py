@@ -42,6 +42,7 @@ __all__ = [
     "EventSink",
     "HistoryPage",
     "HistoryPager",
+    "HistoryPass",
     "RelayConnection",
     "RelayPublisher",
     "RelayUnavailable",
@@ -177,18 +178,30 @@ class HistoryPager:
         return True
 
 
-def history_passes(trusted: Sequence[str], untrusted_too: bool) -> list[tuple[str, ...] | None]:
-    """The `authors` of each history fetch after a (re)connect.
+@frozen
+class HistoryPass:
+    """One history fetch after a (re)connect: by these `authors` only (None: anyone's), less
+    those by the `skipped` ones (a pass before fetched them)."""
+
+    authors: tuple[str, ...] | None
+    skipped: frozenset[str] = frozenset()
+
+
+def history_passes(trusted: Sequence[str], untrusted_too: bool) -> list[HistoryPass]:
+    """The history fetches after a (re)connect.
 
     Anyone may publish with our `#s` and `#p`: a few hundred events in the second of a credit
     fill a relay's capped answer, and paging cannot reach past a full second. Events by the
     keys we trust are therefore fetched on their own first; a node that also needs other
-    authors' events (a controller: users' Requests) then pages through everything.
+    authors' events (a controller: users' Requests) then pages through everyone's.
     """
     if not trusted:
-        return [None]
+        return [HistoryPass(None)]
     authors = tuple(sorted(set(trusted)))
-    return [authors, None] if untrusted_too else [authors]
+    passes = [HistoryPass(authors)]
+    if untrusted_too:
+        passes.append(HistoryPass(None, frozenset(authors)))
+    return passes
 
 
 def _websocket_url(url: str) -> URL:
@@ -478,14 +491,18 @@ async def fetch_history(
     since: int,
     page_max: int,
     authors: tuple[str, ...] | None = None,
+    skipped: frozenset[str] = frozenset(),
 ) -> AsyncIterator[HistoryPage]:
-    """Every stored event of the session from `since` on (by `authors` only, if given), newest
-    page first, once each."""
+    """Every stored event of the session from `since` on (by `authors` only, if given; none
+    by the `skipped` authors), newest page first, once each."""
     pager = HistoryPager(since, page_max, authors=authors)
     while True:
         async with contextlib.aclosing(connection.read_page(pager.query(address))) as chunks:
             async for chunk in chunks:
-                if fresh := pager.take(chunk):
+                fresh = pager.take(chunk)
+                if skipped:
+                    fresh = [obj for obj in fresh if obj.get("pubkey") not in skipped]
+                if fresh:
                     yield HistoryPage(tuple(fresh))
         more = pager.answered()
         if pager.overflowed:

@@ -241,7 +241,7 @@ class Ingest:
         self.limits = limits
         trusted = tuple(trusted) + ((own_pubkey,) if own_pubkey and trusted else ())
         self._history_passes = history_passes(trusted, untrusted_too)
-        self._live_authors = None if untrusted_too else self._history_passes[0]
+        self._live_authors = None if untrusted_too else self._history_passes[0].authors
         self.on_appended = on_appended
         self.own_pubkey = own_pubkey
         self.clock = clock
@@ -281,9 +281,14 @@ class Ingest:
                 since = (
                     0 if checkpoint is None else max(0, checkpoint - self.limits.history_overlap_s)
                 )
-                for authors in self._history_passes:
+                for fetch in self._history_passes:
                     history = fetch_history(
-                        connection, self.address, since, self.limits.events_per_page_max, authors
+                        connection,
+                        self.address,
+                        since,
+                        self.limits.events_per_page_max,
+                        fetch.authors,
+                        fetch.skipped,
                     )
                     async with contextlib.aclosing(history):
                         async for page in history:
@@ -513,8 +518,10 @@ async def fetch_into_store(
     received = appended = duplicates = 0
     refused: Counter[str] = Counter()
     try:
-        for authors in history_passes(trusted, untrusted_too=True):
-            history = fetch_history(connection, address, since, limits.events_per_page_max, authors)
+        for fetch in history_passes(trusted, untrusted_too=True):
+            history = fetch_history(
+                connection, address, since, limits.events_per_page_max, fetch.authors, fetch.skipped
+            )
             async with contextlib.aclosing(history):
                 async for page in history:
                     verdicts = await asyncio.to_thread(
