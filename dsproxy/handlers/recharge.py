@@ -59,7 +59,8 @@ __all__ = ["RechargeHandler", "build_recharge_handler"]
 log = logging.getLogger(__name__)
 
 LANDED_LOOKUP_GRACE_S = 300
-"""How long an expired payment whose nonce the chain has moved past is looked for again."""
+"""After this long, an expired payment whose nonce the chain has moved past, none of its
+transactions found, is logged as an error (it is looked for again all the same)."""
 
 
 @define
@@ -220,10 +221,10 @@ class RechargeHandler:
                 reason = RefusalReason(verdict.reason.value)
                 if onchain is None or onchain.nonce <= payment.nonce:
                     await self._fail(payment, reason, verdict.detail)
-                elif await self._signature_that_landed(payment, looking=True):
+                elif await self._signature_that_landed(payment):
                     await self._credit_landed(payment)
-                else:
-                    await self._record_failure(payment, reason, verdict.detail)
+                else:  # only the bot moves a nonce: never failed (paid, and never credited)
+                    raise self._still_looking(payment)
                 return False
         instruction = self.rpc.program.pay(
             user=Pubkey.from_string(payment.user),
@@ -265,25 +266,34 @@ class RechargeHandler:
             return await self._refused_or_pending(signed, exc)
         return True
 
-    async def _signature_that_landed(self, payment: Payment, *, looking: bool = False) -> bool:
-        """Whether one of the payment's transactions succeeded on chain after all.
-
-        An RPC node behind the one that took a transaction (load-balanced RPC) reports it not
-        found until past its blockhash, and the payment is declared expired; the chain's nonce
-        has then moved past it, and a new signature could only fail: the user would have paid
-        and never been credited. `looking` (the nonce has moved): while none is found, look
-        again later (RpcError) for a while after the payment expired."""
+    async def _signature_that_landed(self, payment: Payment) -> bool:
+        """Whether one of the payment's transactions succeeded on chain after all."""
         for signature in reversed(payment.signatures):
             if await self._landed(signature) is True:
                 log.warning("payment %s landed after all (%s)", payment.id, signature)
                 return True
-        expired_at = payment.expired_at
-        if looking and expired_at is not None and self.clock() < expired_at + LANDED_LOOKUP_GRACE_S:
-            raise RpcError(
-                f"pay {payment.signature} was found expired, yet the chain's nonce has moved"
-                " past it: looking for it again later"
-            )
         return False
+
+    def _still_looking(self, payment: Payment) -> RpcError:
+        """An expired payment whose nonce the chain has moved past, none of its transactions
+        found: look again later, however long it takes.
+
+        An RPC node behind the one that took a transaction (load-balanced RPC) reports it not
+        found until past its blockhash, and one without transaction history forgets it after
+        a couple of minutes. Only the bot can move a user's nonce, so the payment most likely
+        landed: failing it (as this did after five minutes) left the user paid and never
+        credited, for good."""
+        detail = f"pay {payment.signature} was found expired, yet the chain's nonce has moved"
+        expired_at = payment.expired_at
+        if expired_at is not None and self.clock() >= expired_at + LANDED_LOOKUP_GRACE_S:
+            log.error(
+                "payment %s: %s, and none of its transactions is found after %d s: is the RPC "
+                "node keeping transaction history? (looking again later)",
+                payment.id,
+                detail,
+                LANDED_LOOKUP_GRACE_S,
+            )
+        return RpcError(f"{detail} past it: looking for it again later")
 
     async def _credit_landed(self, payment: Payment) -> None:
         self._crash_point("confirmed")

@@ -10,6 +10,7 @@ from solders.keypair import Keypair
 
 from dsproxy.adapters.recharges_projection import RechargesProjection
 from dsproxy.errors import RpcError, TransactionFailed
+from dsproxy.handlers.recharge import LANDED_LOOKUP_GRACE_S
 from dsproxy.localchain.chain import BLOCKHASH_VALID_SLOTS
 from dsproxy.wire.envelope import Address
 from dsproxy.wire.event import load_stored_event, public_key_of, sign_event
@@ -163,6 +164,16 @@ async def test_a_payment_an_rpc_node_called_expired_but_that_landed_is_credited(
         await delivery  # the controller's loop resumes it later
     assert (await world.onchain()).nonce == 1
     assert await controller.balance(world.keys.user) == 0
+
+    # however long the node lags (or forgets, without transaction history): never failed, as
+    # once after five minutes, leaving the user paid and never credited
+    clock = controller.handler.clock
+    controller.handler.clock = lambda: clock() + LANDED_LOOKUP_GRACE_S + 3_600
+    (unfinished,) = await RechargesProjection.unfinished_payments(controller.node.db)
+    with pytest.raises(RpcError, match="looking for it again later"):
+        await controller.handler.resume(unfinished.payment_id, unfinished.user)
+    row = await RechargesProjection.request(controller.node.db, request.id)
+    assert row is not None and row.state != "refused", row
 
     world.chain.statuses_lag = False  # the node caught up
     (unfinished,) = await RechargesProjection.unfinished_payments(controller.node.db)
