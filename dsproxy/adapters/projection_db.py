@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS ignored (
     event_id TEXT NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replaced_events (
+    replacement_id TEXT PRIMARY KEY,
+    event_id TEXT NOT NULL
+) WITHOUT ROWID;
 """
 _INDEXES = "CREATE INDEX IF NOT EXISTS postings_by_user ON postings (user, position);"
 _UPSERT_ACCOUNT = (
@@ -215,6 +219,11 @@ class ProjectionDb:
                 raise
         except aiosqlite.Error as exc:
             raise StoreError(f"could not write projection batch up to {position}: {exc}") from exc
+
+    async def replaced_events(self) -> dict[str, str]:
+        """Our events signed again after relays refused them for their age: new id -> old."""
+        async with self._db.execute("SELECT replacement_id, event_id FROM replaced_events") as rows:
+            return {str(new): str(old) async for new, old in rows}
 
     async def account(self, user: str) -> AccountRow | None:
         async with self._db.execute(

@@ -555,6 +555,20 @@ class RelayPublisher:
         """Send to all relays at once; each answer (or why there was none) per relay."""
         return tuple(await asyncio.gather(*(self._publish_to(url, event) for url in self.urls)))
 
+    async def _holds(self, url: str, event_id: str) -> bool | None:
+        async with self._locks[url]:
+            try:
+                connection = await self._connection(url)
+                found = await connection.fetch_page({"ids": [event_id], "limit": 1})
+            except RelayUnavailable:
+                return None
+        return any(obj.get("id") == event_id for obj in found)
+
+    async def holders(self, event_id: str) -> tuple[tuple[str, bool | None], ...]:
+        """Whether each relay has the event stored (None: it could not be asked)."""
+        answers = await asyncio.gather(*(self._holds(url, event_id) for url in self.urls))
+        return tuple(zip(self.urls, answers, strict=True))
+
     async def close(self) -> None:
         for connection in self._connections.values():
             await connection.close()

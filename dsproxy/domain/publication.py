@@ -4,7 +4,11 @@ A relay answers an EVENT with `OK true`, or `OK false` and a NIP-01 reason such 
 `"invalid: bad signature"`. `duplicate:` means the relay has the event already (nostr-relay
 answers OK false for it), so it counts as an acknowledgement. Reasons that can never change for
 this event (`invalid:`, `blocked:`, `pow:`, `restricted:`, `rejected:`) are permanent: the event is
-recorded as failed and the outbox moves on. Anything else is transient: the outbox retries with
+recorded as failed and the outbox moves on, unless what every relay refuses is the event's age
+(`invalid: ... too old`): relays allow `created_at` only so far from their clock (the DePHY
+relay about 30 s), and an event kept through a longer outage can never be published as it is.
+It is then signed again with a new `created_at` (a `Replacement` fact), which the ledger counts
+in its place, never beside it. Anything else is transient: the outbox retries with
 backoff, in order. A relay that is down, or says `rate-limited:` (it asks us to come back
 later), delays publication for as long as it lasts, and so does one relay refusing for good
 while another is down; every other refusal (`error:`, or a relay's own words without a prefix)
@@ -28,10 +32,13 @@ __all__ = [
     "Publication",
     "RelayAnswer",
     "RelayResult",
+    "Replacement",
     "RetryLater",
+    "Stale",
     "answer_of",
     "decide_publication",
     "is_permanent",
+    "is_stale",
     "retry_delay_ms",
 ]
 
@@ -39,6 +46,10 @@ PERMANENT_PREFIXES = ("invalid", "blocked", "pow", "restricted", "rejected")
 ACKNOWLEDGING_PREFIXES = ("duplicate",)
 UNCOUNTED_PREFIXES = ("rate-limited",)  # "later", not "no": like an outage, never gives up
 _NIP01_PREFIX = re.compile(r"^([a-z][a-z-]*):", re.IGNORECASE)
+# how relays word a `created_at` outside their window (nostr-relay, nostr-rs-relay, strfry)
+_STALE_WORDS = re.compile(
+    r"too (old|early|far|late)|created.?at|in the (past|future)|timestamp", re.IGNORECASE
+)
 
 
 class RelayAnswer(enum.Enum):
@@ -86,9 +97,21 @@ def is_permanent(reason: str) -> bool:
     return _prefix(reason) in PERMANENT_PREFIXES
 
 
+def is_stale(reason: str) -> bool:
+    """True for a refusal of the event's `created_at` (it is outside the relay's window)."""
+    return _prefix(reason) == "invalid" and _STALE_WORDS.search(reason) is not None
+
+
 @frozen
 class Acknowledged:
     relays: tuple[str, ...]
+
+
+@frozen
+class Stale:
+    """Every relay refused the event for good, at least one for its age: sign it again."""
+
+    reason: str
 
 
 @frozen
@@ -105,7 +128,7 @@ class RetryLater:
     rejection: str | None
 
 
-Decision = Acknowledged | Failed | RetryLater
+Decision = Acknowledged | Failed | RetryLater | Stale
 
 
 def _describe(results: Sequence[RelayResult]) -> str:
@@ -130,6 +153,8 @@ def decide_publication(
     rejected = [r for r in results if r.answer is RelayAnswer.REJECTED]
     permanent = [r for r in rejected if is_permanent(r.reason)]
     if permanent and len(permanent) == len(results) == relays_total:
+        if any(is_stale(r.reason) for r in permanent):
+            return Stale(_describe(permanent))
         return Failed(_describe(permanent))
     # a refusal for good by some relays while others are down waits for those (not counted)
     counted = [
@@ -169,3 +194,15 @@ class Publication(Aggregate):
         cls, event_id: str, outcome: Outcome, relays: Sequence[str], reason: str
     ) -> Publication:
         return cls(event_id, outcome.value, list(relays), reason)
+
+
+class Replacement(Aggregate):
+    """One of our events that relays refused for its age, signed again with a new `created_at`
+    (`replacement_id`). Recorded in one write with the new event; the ledger counts the new one
+    in the old one's place, and the outbox publishes it instead."""
+
+    @event("Recorded")
+    def __init__(self, event_id: str, replacement_id: str, reason: str) -> None:
+        self.event_id = event_id
+        self.replacement_id = replacement_id
+        self.reason = reason

@@ -14,12 +14,13 @@ import logging
 from collections.abc import Sequence
 
 from dsproxy.adapters.event_store import AppendOutcome
+from dsproxy.adapters.node_keys import load_secret
 from dsproxy.adapters.relay import RelayPublisher
 from dsproxy.bootstrap import LedgerNode, address, open_ledger, own_pubkey
 from dsproxy.config import Settings
 from dsproxy.services.ingest import CheckpointDb, Ingest, IngestLimits
-from dsproxy.services.outbox import Outbox, OutboxLimits
-from dsproxy.wire.event import NostrEvent
+from dsproxy.services.outbox import Outbox, OutboxLimits, Resign
+from dsproxy.wire.event import NostrEvent, sign_event
 
 __all__ = ["Node", "ingest_limits"]
 
@@ -40,6 +41,17 @@ def ingest_limits(settings: Settings) -> IngestLimits:
         retry_ms_min=settings.relay_retry_ms_min,
         retry_ms_max=settings.relay_retry_ms_max,
     )
+
+
+def _resigner(settings: Settings) -> Resign:
+    """Our key's signature over an event's kind, tags and content, at another `created_at`."""
+    assert settings.nostr_key_file is not None
+    secret = load_secret(settings.nostr_key_file)
+
+    def resign(event: NostrEvent, created_at: int) -> NostrEvent:
+        return sign_event(secret, event.kind, event.tags, event.content, created_at)
+
+    return resign
 
 
 class Node:
@@ -76,6 +88,7 @@ class Node:
             if settings.relays and author is not None
             else None
         )
+        resign = _resigner(settings) if author is not None else None
         self.outbox = (
             Outbox(
                 ledger.store,
@@ -86,6 +99,7 @@ class Node:
                     retry_ms_min=settings.relay_retry_ms_min,
                     retry_ms_max=settings.relay_retry_ms_max,
                 ),
+                resign=resign,
             )
             if self.publisher is not None
             else None

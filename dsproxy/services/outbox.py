@@ -17,7 +17,8 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -31,10 +32,13 @@ from dsproxy.domain.publication import (
     Outcome,
     Publication,
     RelayResult,
+    Replacement,
     RetryLater,
+    Stale,
     decide_publication,
     retry_delay_ms,
 )
+from dsproxy.errors import DuplicateEvent
 from dsproxy.services.projector import Projector
 from dsproxy.wire.event import NostrEvent, parse_event
 
@@ -71,7 +75,11 @@ _RECORD = (
     "rejections = rejections + (? = 'rejected'), reason = ?, relays = ? "
     "WHERE event_id = ? AND status = 'pending'"
 )
+_REPLACE = (
+    "UPDATE outbox SET status = 'replaced', reason = ? WHERE event_id = ? AND status = 'pending'"
+)
 _COLUMNS = "event_id, position, created_at, event, status, rejections, reason, relays"
+RESIGN_SECONDS_MAX = 30  # seconds back from now tried for a replacement's free `created_at`
 
 
 class OutboxProjection:
@@ -90,6 +98,7 @@ class OutboxProjection:
     def changes(self, records: Sequence[StoredRecord]) -> list[tuple[str, list[tuple[Any, ...]]]]:
         inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
+        replaced: list[tuple[Any, ...]] = []
         for record in records:
             if record.is_nostr:
                 if self._marker in record.state:
@@ -102,7 +111,11 @@ class OutboxProjection:
                 outcome = fact.outcome
                 relays = json.dumps(list(fact.relays))
                 updates.append((outcome, outcome, outcome, fact.reason, relays, fact.event_id))
-        return [(_INSERT, inserts), (_RECORD, updates)]
+            elif isinstance(record.fact, Replacement.Recorded):
+                fact = record.fact
+                reason = f"replaced by {fact.replacement_id}: {fact.reason}"
+                replaced.append((reason, fact.event_id))
+        return [(_INSERT, inserts), (_RECORD, updates), (_REPLACE, replaced)]
 
 
 @frozen
@@ -137,6 +150,12 @@ class Publisher(Protocol):
 
     async def publish(self, event: NostrEvent) -> tuple[RelayResult, ...]: ...
 
+    async def holders(self, event_id: str) -> tuple[tuple[str, bool | None], ...]: ...
+
+
+Resign = Callable[[NostrEvent, int], NostrEvent]
+"""Sign an event's kind, tags and content again with another `created_at`."""
+
 
 @frozen
 class OutboxLimits:
@@ -153,6 +172,7 @@ class OutboxStats:
     failed: int = 0
     rejections: int = 0
     attempts: int = 0
+    replaced: int = 0
 
 
 class Outbox:
@@ -165,9 +185,12 @@ class Outbox:
         publisher: Publisher,
         *,
         limits: OutboxLimits = OutboxLimits(),
+        resign: Resign | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.projector, self.publisher = store, projector, publisher
         self.limits = limits
+        self.resign, self.clock = resign, clock
         self.stats = OutboxStats()
 
     async def pending(self) -> list[OutboxRow]:
@@ -206,6 +229,22 @@ class Outbox:
                 fact = Publication.record(event.id, Outcome.ACKNOWLEDGED, decision.relays, "")
                 self.stats.acknowledged += 1
                 break
+            if isinstance(decision, Stale):
+                held = await self.publisher.holders(event.id)
+                holding = [url for url, has in held if has]
+                if holding:  # an earlier attempt landed (its OK was lost): published
+                    fact = Publication.record(event.id, Outcome.ACKNOWLEDGED, holding, "")
+                    self.stats.acknowledged += 1
+                    break
+                asked_all = all(has is not None for _, has in held)
+                if asked_all and self.resign is not None:
+                    await self._replace(event, decision.reason)
+                    await self.projector.catch_up()  # the replacement is the next pending row
+                    return
+                if self.resign is None:
+                    decision = Failed(decision.reason)
+                else:  # a relay that might hold it could not be asked: ask again later
+                    decision = RetryLater(decision.reason, None)
             if isinstance(decision, Failed):
                 fact = Publication.record(event.id, Outcome.FAILED, [], decision.reason)
                 self.stats.failed += 1
@@ -226,3 +265,25 @@ class Outbox:
             await asyncio.sleep(delay_ms / 1000)
         await self.store.save(fact)
         await self.projector.catch_up()  # the row leaves `pending` before the next query
+
+    async def _replace(self, event: NostrEvent, reason: str) -> None:
+        """Sign the event again, as of now, and record it with the fact that it replaces the
+        old one, in one write (a `created_at` whose event is stored already is skipped)."""
+        assert self.resign is not None
+        now = int(self.clock())
+        for created_at in range(now, now - RESIGN_SECONDS_MAX, -1):
+            replacement = self.resign(event, created_at)
+            fact = Replacement(event.id, replacement.id, reason)
+            try:
+                await self.store.record([replacement], fact, new_only=True)
+            except DuplicateEvent:
+                continue
+            self.stats.replaced += 1
+            log.warning(
+                "event %s was refused for its age (%s): signed again as %s",
+                event.id,
+                reason,
+                replacement.id,
+            )
+            return
+        raise DuplicateEvent(f"no free created_at to sign {event.id} again")

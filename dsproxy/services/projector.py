@@ -21,6 +21,7 @@ from attrs import frozen
 
 from dsproxy.adapters.event_store import NOSTR_TOPIC, AsyncEventStore, StoredRecord
 from dsproxy.adapters.projection_db import ProjectionDb, ProjectionMoved, policy_fingerprint
+from dsproxy.domain.publication import Replacement
 from dsproxy.domain.transactions import entry_from_parts
 from projections import Account, Entry, Ignored, Ledger, TrustPolicy, fold
 
@@ -92,6 +93,7 @@ class Batch:
     ignored: tuple[tuple[int, Ignored], ...]
     last_position: int
     records: tuple[StoredRecord, ...] = ()
+    replacements: tuple[tuple[str, str], ...] = ()  # (new id, the id it replaces) met here
 
 
 @frozen
@@ -102,12 +104,25 @@ class CatchUp:
     position: int
 
 
-def classify(records: Sequence[StoredRecord], content_bytes_max: int = 65_536) -> Batch:
-    """Pure: turn stored records into ledger entries (local facts move no balance)."""
+def classify(
+    records: Sequence[StoredRecord],
+    content_bytes_max: int = 65_536,
+    replaced: Mapping[str, str] | None = None,
+) -> Batch:
+    """Pure: turn stored records into ledger entries (local facts move no balance).
+
+    An event of ours signed again (a `Replacement`, see `replaced`: new id -> old id) is left
+    out: the old one is counted, and its posting takes the new id."""
     entries: list[tuple[int, Entry]] = []
     ignored: list[tuple[int, Ignored]] = []
+    known = dict(replaced or {})
+    found: list[tuple[str, str]] = []
     for record in records:
         if record.topic != NOSTR_TOPIC:
+            if isinstance(record.fact, Replacement.Recorded):
+                fact: Any = record.fact
+                known[fact.replacement_id] = fact.event_id
+                found.append((fact.replacement_id, fact.event_id))
             continue
         event = record.event  # parsed already while the store still has it in memory
         if event is not None:
@@ -117,13 +132,31 @@ def classify(records: Sequence[StoredRecord], content_bytes_max: int = 65_536) -
             obj = orjson.loads(record.state)  # verified before it was stored
             fields = (obj["id"], obj["pubkey"], obj["kind"], obj["tags"], obj["content"])
             created_at = obj["created_at"]
+        if (replaces := known.get(fields[0])) is not None:
+            reason = f"signed again for {replaces}, which is counted"
+            ignored.append((record.position, Ignored(fields[0], reason)))
+            continue
         result = entry_from_parts(*fields, created_at, content_bytes_max)
         if isinstance(result, Entry):
             entries.append((record.position, result))
         else:
             ignored.append((record.position, result))
     last_position = records[-1].position if records else 0
-    return Batch(tuple(entries), tuple(ignored), last_position, tuple(records))
+    return Batch(tuple(entries), tuple(ignored), last_position, tuple(records), tuple(found))
+
+
+def _replacement_changes(
+    replacements: Sequence[tuple[str, str]],
+) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """An event signed again is remembered, and the old one's posting shows the new id (the
+    one relays have)."""
+    if not replacements:
+        return []
+    rows = list(replacements)
+    return [
+        ("INSERT OR IGNORE INTO replaced_events (replacement_id, event_id) VALUES (?, ?)", rows),
+        ("UPDATE postings SET event_id = ? WHERE event_id = ?", rows),
+    ]
 
 
 class Projector:
@@ -151,6 +184,7 @@ class Projector:
         self._accounts: OrderedDict[str, Account] = OrderedDict()
         self._accounts_as_of: int | None = None  # the position the cache is true at
         self._accounts_cached_max = accounts_cached_max
+        self._replaced: dict[str, str] = {}  # our events signed again: new id -> old id
 
     async def _load_accounts(self, users: set[str]) -> dict[str, Account]:
         accounts = {user: self._accounts[user] for user in users if user in self._accounts}
@@ -182,9 +216,12 @@ class Projector:
                 ignored=ignored,
                 position=batch.last_position,
                 extra=[
-                    change
-                    for extension in self.extensions
-                    for change in extension.changes(batch.records)
+                    *_replacement_changes(batch.replacements),
+                    *(
+                        change
+                        for extension in self.extensions
+                        for change in extension.changes(batch.records)
+                    ),
                 ],
                 after=after,
             )
@@ -195,6 +232,7 @@ class Projector:
             self._accounts_as_of = None
             raise
         self._remember(touched)
+        self._replaced.update(batch.replacements)
         self._accounts_as_of = batch.last_position
         balances = {user: account.balance for user, account in touched.items()}
         for listener in self.listeners:
@@ -215,10 +253,12 @@ class Projector:
             position = await self.db.position()
             if position != self._accounts_as_of:  # another process wrote: the cache is stale
                 self._moved()
+                self._replaced = await self.db.replaced_events()
             total = 0
             while page := await self.store.read(position, self.page_size):
                 try:
-                    await self.apply(classify(page, self.content_bytes_max), after=position)
+                    batch = classify(page, self.content_bytes_max, self._replaced)
+                    await self.apply(batch, after=position)
                 except ProjectionMoved:  # another process applied it: go on from there
                     log.warning("projection moved under us; continuing from its position")
                     position = await self.db.position()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
+import orjson
+from aiohttp import web
+
+from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.node_keys import load_secret
 from dsproxy.adapters.relay import build_local_relay
 from dsproxy.bootstrap import fact_projections, trust_policy
@@ -11,10 +17,13 @@ from dsproxy.config import Settings
 from dsproxy.services.node import Node
 from dsproxy.services.outbox import list_outbox
 from dsproxy.services.projector import rebuild
-from dsproxy.wire.envelope import Address
+from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import public_key_of
+from dsproxy.wire.messages import Transaction
 from tests.integration.relay_fixtures import (
+    USERS,
     Listener,
+    balance,
     balances,
     credits,
     eventually,
@@ -25,6 +34,7 @@ from tests.integration.relay_fixtures import (
     running_node,
     totals,
 )
+from tests.integration.test_relay_connection import Script, scripted_relay
 
 __all__ = ["local_relay"]
 
@@ -156,3 +166,88 @@ async def test_acknowledgements_survive_restart_and_rebuild(
 
         await eventually(thirteen, "13 acknowledgements")
         assert node.outbox is not None and node.outbox.stats.attempts == 3
+
+
+def relay_with_a_window(stored: dict[str, dict[str, Any]], window_s: int = 10) -> Script:
+    """A relay that refuses events older than `window_s` (as the DePHY relay does, ~30 s), even
+    one it has already; answers `ids` queries, and any other query with all it has."""
+
+    async def answer(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "EVENT":
+            event = message[1]
+            if event["created_at"] < time.time() - window_s:
+                reply = ["OK", event["id"], False, "invalid: created_at too old"]
+            else:
+                stored[event["id"]] = event
+                reply = ["OK", event["id"], True, ""]
+            await ws.send_str(orjson.dumps(reply).decode())
+        elif message[0] == "REQ":
+            wanted = message[2].get("ids")
+            for event in list(stored.values()):
+                if wanted is None or event["id"] in wanted:
+                    await ws.send_str(orjson.dumps(["EVENT", message[1], event]).decode())
+            await ws.send_str(orjson.dumps(["EOSE", message[1]]).decode())
+
+    return answer
+
+
+async def outbox_rows(node: Node) -> dict[str, str]:
+    rows = await node.ledger.db.fetch_all("SELECT event_id, status FROM outbox")
+    return {str(event_id): str(status) for event_id, status in rows}
+
+
+async def test_an_event_kept_past_the_relays_window_is_signed_again_and_counted_once(
+    node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """A credit kept through an outage longer than the relay's `created_at` window was refused
+    as `invalid:` and failed for good: the user paid, and no one else ever saw the credit."""
+    stored: dict[str, dict[str, Any]] = {}
+    async with scripted_relay(relay_with_a_window(stored)) as url:
+        settings = publishing_settings(node_settings, tmp_path, url)
+        secret = load_secret(settings.nostr_key_file)
+        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 120)
+        async with running_node(settings) as node:
+            await node.append([old])
+
+            async def published() -> bool:
+                return sorted((await outbox_rows(node)).values()) == ["acknowledged", "replaced"]
+
+            await eventually(published, "the credit signed again and published")
+            (new,) = stored.values()
+            assert (new["content"], new["tags"]) == (old.content, [list(t) for t in old.tags])
+            assert new["id"] != old.id
+            assert (await outbox_rows(node))[old.id] == "replaced"
+            await node.ledger.projector.catch_up()
+            assert await balance(node, USERS[0]) == 700  # the old one, not both
+            assert [p.event_id for p in await node.ledger.db.postings(USERS[0])] == [new["id"]]
+            assert node.outbox is not None and node.outbox.stats.replaced == 1
+        policy = trust_policy(settings)
+        projection = settings.data_dir / "projection.sqlite"
+        store = AsyncEventStore.open(settings.data_dir / "events.sqlite")
+        try:
+            await rebuild(store, projection, policy, extensions=fact_projections(settings))
+        finally:
+            await store.close()
+        async with running_node(settings.replace(relays=())) as node:
+            assert await balance(node, USERS[0]) == 700
+            assert [p.event_id for p in await node.ledger.db.postings(USERS[0])] == [new["id"]]
+
+
+async def test_an_event_a_relay_has_though_it_refuses_its_age_is_published(
+    node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """An attempt whose OK was lost may have landed: signing again would count it twice."""
+    stored: dict[str, dict[str, Any]] = {}
+    async with scripted_relay(relay_with_a_window(stored)) as url:
+        settings = publishing_settings(node_settings, tmp_path, url)
+        secret = load_secret(settings.nostr_key_file)
+        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 120)
+        stored[old.id] = old.to_obj()
+        async with running_node(settings) as node:
+            await node.append([old])
+
+            async def published() -> bool:
+                return await outbox_rows(node) == {old.id: "acknowledged"}
+
+            await eventually(published, "the credit counted as published")
+            assert list(stored) == [old.id]

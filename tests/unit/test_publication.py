@@ -12,9 +12,11 @@ from dsproxy.domain.publication import (
     RelayAnswer,
     RelayResult,
     RetryLater,
+    Stale,
     answer_of,
     decide_publication,
     is_permanent,
+    is_stale,
     retry_delay_ms,
 )
 
@@ -78,10 +80,10 @@ def test_an_outage_never_fails(answers: list[RelayResult]) -> None:
 
 
 def test_permanent_rejection_by_every_relay_fails() -> None:
-    answers = [answer_of(relay, False, "invalid: too old") for relay in RELAYS]
+    answers = [answer_of(relay, False, "invalid: bad signature") for relay in RELAYS]
     decision = decide_publication(answers, len(RELAYS))
     assert isinstance(decision, Failed)
-    assert "invalid: too old" in decision.reason
+    assert "invalid: bad signature" in decision.reason
 
 
 def test_permanent_rejection_by_one_relay_waits_for_the_others() -> None:
@@ -120,3 +122,27 @@ def test_backoff_grows_and_is_capped(attempt: int, low: int, extra: int) -> None
     assert low <= delay <= high
     assert retry_delay_ms(attempt + 1, low, high) >= delay
     assert retry_delay_ms(attempt, low, high, spread=0.5) <= delay
+
+
+STALE = (
+    "invalid: event creation date is too far off from the current time",  # nostr-rs-relay
+    "invalid: 1767225600 is too old",  # nostr-relay
+    "invalid: created_at too early",  # strfry
+)
+
+
+def test_a_refusal_of_the_events_age_is_told_apart() -> None:
+    assert all(is_stale(reason) and is_permanent(reason) for reason in STALE)
+    assert not any(is_stale(reason) for reason in PERMANENT + TRANSIENT + UNPREFIXED)
+
+
+def test_every_relay_refusing_for_good_and_one_for_age_means_sign_again() -> None:
+    """Kept through an outage longer than relays' `created_at` window, an event was failed
+    for good: a credit the user paid for never reached anyone."""
+    answers = [RelayResult("ws://a", RelayAnswer.REJECTED, STALE[0]),
+               RelayResult("ws://b", RelayAnswer.REJECTED, "blocked: not here")]  # fmt: skip
+    assert isinstance(decide_publication(answers, 2), Stale)
+    waiting = [answers[0], RelayResult("ws://b", RelayAnswer.UNREACHABLE, "down")]
+    assert isinstance(decide_publication(waiting, 2), RetryLater)
+    other = [RelayResult("ws://a", RelayAnswer.REJECTED, "invalid: bad signature")]
+    assert isinstance(decide_publication(other, 1), Failed)
