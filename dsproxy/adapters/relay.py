@@ -558,9 +558,10 @@ class RelayPublisher:
     async def _holds(self, url: str, event_id: str) -> bool | None:
         async with self._locks[url]:
             try:
-                connection = await self._connection(url)
-                found = await connection.fetch_page({"ids": [event_id], "limit": 1})
-            except RelayUnavailable:
+                async with asyncio.timeout(2 * self.timeout_s):  # a trickle has no EOSE
+                    connection = await self._connection(url)
+                    found = await connection.fetch_page({"ids": [event_id], "limit": 1})
+            except (RelayUnavailable, TimeoutError):
                 return None
         return any(obj.get("id") == event_id for obj in found)
 

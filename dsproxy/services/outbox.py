@@ -28,6 +28,7 @@ from dsproxy.adapters.event_store import AsyncEventStore, StoredRecord
 from dsproxy.adapters.projection_db import ProjectionDb
 from dsproxy.domain.publication import (
     Acknowledged,
+    Decision,
     Failed,
     Outcome,
     Publication,
@@ -80,6 +81,9 @@ _REPLACE = (
 )
 _COLUMNS = "event_id, position, created_at, event, status, rejections, reason, relays"
 RESIGN_SECONDS_MAX = 30  # seconds back from now tried for a replacement's free `created_at`
+RESIGN_AGE_MIN_S = 15
+"""An event refused for its age that is younger than this by our clock is not signed again:
+the clocks disagree (a replacement would be refused too, and signed again, without end)."""
 
 
 class OutboxProjection:
@@ -230,21 +234,14 @@ class Outbox:
                 self.stats.acknowledged += 1
                 break
             if isinstance(decision, Stale):
-                held = await self.publisher.holders(event.id)
-                holding = [url for url, has in held if has]
-                if holding:  # an earlier attempt landed (its OK was lost): published
-                    fact = Publication.record(event.id, Outcome.ACKNOWLEDGED, holding, "")
+                decision = await self._stale(event, decision, rejections)
+                if isinstance(decision, Acknowledged):
+                    fact = Publication.record(event.id, Outcome.ACKNOWLEDGED, decision.relays, "")
                     self.stats.acknowledged += 1
                     break
-                asked_all = all(has is not None for _, has in held)
-                if asked_all and self.resign is not None:
-                    await self._replace(event, decision.reason)
-                    await self.projector.catch_up()  # the replacement is the next pending row
+                if decision is None:  # signed again: the replacement is the next pending row
+                    await self.projector.catch_up()
                     return
-                if self.resign is None:
-                    decision = Failed(decision.reason)
-                else:  # a relay that might hold it could not be asked: ask again later
-                    decision = RetryLater(decision.reason, None)
             if isinstance(decision, Failed):
                 fact = Publication.record(event.id, Outcome.FAILED, [], decision.reason)
                 self.stats.failed += 1
@@ -265,6 +262,30 @@ class Outbox:
             await asyncio.sleep(delay_ms / 1000)
         await self.store.save(fact)
         await self.projector.catch_up()  # the row leaves `pending` before the next query
+
+    async def _stale(self, event: NostrEvent, stale: Stale, rejections: int) -> Decision | None:
+        """Sign an event refused for its age again (None), or what to do instead: it is
+        published if a relay has it (an attempt whose OK was lost landed); it fails if our
+        clock, not its age, is the trouble; asking a relay that cannot answer counts as a
+        rejection (one that never answers would hold every later event back)."""
+        age_s = self.clock() - event.created_at
+        if self.resign is None or age_s < RESIGN_AGE_MIN_S:
+            return Failed(f"{stale.reason} (it is {age_s:.0f} s old here: is our clock right?)")
+        held = await self.publisher.holders(event.id)
+        holding = tuple(url for url, has in held if has)
+        if holding:
+            return Acknowledged(holding)
+        unknown = [url for url, has in held if has is None]
+        if unknown:
+            asked = f"could not ask {', '.join(unknown)} whether it has the event"
+            if rejections + 1 >= self.limits.rejections_max:
+                return Failed(f"gave up after {self.limits.rejections_max} rejections: {asked}")
+            return RetryLater(f"{stale.reason}; {asked}", asked)
+        try:
+            await self._replace(event, stale.reason)
+        except DuplicateEvent as exc:
+            return Failed(f"{stale.reason}; {exc}")
+        return None
 
     async def _replace(self, event: NostrEvent, reason: str) -> None:
         """Sign the event again, as of now, and record it with the fact that it replaces the

@@ -262,6 +262,7 @@ class Projector:
                 except ProjectionMoved:  # another process applied it: go on from there
                     log.warning("projection moved under us; continuing from its position")
                     position = await self.db.position()
+                    self._replaced = await self.db.replaced_events()
                     continue
                 total += len(page)
                 position = page[-1].position

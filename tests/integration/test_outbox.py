@@ -168,14 +168,24 @@ async def test_acknowledgements_survive_restart_and_rebuild(
         assert node.outbox is not None and node.outbox.stats.attempts == 3
 
 
-def relay_with_a_window(stored: dict[str, dict[str, Any]], window_s: int = 10) -> Script:
-    """A relay that refuses events older than `window_s` (as the DePHY relay does, ~30 s), even
-    one it has already; answers `ids` queries, and any other query with all it has."""
+def relay_with_a_window(
+    stored: dict[str, dict[str, Any]],
+    window_s: int = 10,
+    *,
+    clock_ahead_s: int = 0,
+    closes_ids_queries: bool = False,
+) -> Script:
+    """A relay that refuses events older than `window_s` by its clock (`clock_ahead_s` ahead of
+    ours), as the DePHY relay does (~30 s), even one it has already; answers `ids` queries (or
+    closes them), and any other query with all it has."""
 
     async def answer(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "REQ" and closes_ids_queries and "ids" in message[2]:
+            await ws.send_str(orjson.dumps(["CLOSED", message[1], "restricted: no"]).decode())
+            return
         if message[0] == "EVENT":
             event = message[1]
-            if event["created_at"] < time.time() - window_s:
+            if event["created_at"] < time.time() + clock_ahead_s - window_s:
                 reply = ["OK", event["id"], False, "invalid: created_at too old"]
             else:
                 stored[event["id"]] = event
@@ -251,3 +261,48 @@ async def test_an_event_a_relay_has_though_it_refuses_its_age_is_published(
 
             await eventually(published, "the credit counted as published")
             assert list(stored) == [old.id]
+
+
+async def test_an_event_refused_for_age_however_fresh_fails_and_the_node_goes_on(
+    node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """A relay whose clock is ahead of ours by more than its window refuses every replacement
+    too: each was signed again at once, until no second was free and the node stopped."""
+    stored: dict[str, dict[str, Any]] = {}
+    async with scripted_relay(relay_with_a_window(stored, clock_ahead_s=60)) as url:
+        settings = publishing_settings(node_settings, tmp_path, url)
+        secret = load_secret(settings.nostr_key_file)
+        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 120)
+        async with running_node(settings) as node:
+            await node.append([old])
+
+            async def settled() -> bool:
+                return sorted((await outbox_rows(node)).values()) == ["failed", "replaced"]
+
+            await eventually(settled, "the replacement failed, not signed again")
+            assert node.outbox is not None and node.outbox.stats.replaced == 1
+            assert await balance(node, USERS[0]) == 700
+        assert stored == {}
+
+
+async def test_a_relay_that_will_not_say_whether_it_has_the_event_holds_nothing_back(
+    node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """Asking relays whether they have a stale event must not wait forever on one that will
+    not answer: every later event of ours waited behind it."""
+    stored: dict[str, dict[str, Any]] = {}
+    async with scripted_relay(relay_with_a_window(stored, closes_ids_queries=True)) as url:
+        settings = publishing_settings(node_settings, tmp_path, url).replace(
+            publish_rejections_max=3
+        )
+        secret = load_secret(settings.nostr_key_file)
+        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 120)
+        later = seal(Transaction(USERS[1], 5), address, secret)
+        async with running_node(settings) as node:
+            await node.append([old, later])
+
+            async def settled() -> bool:
+                return await outbox_rows(node) == {old.id: "failed", later.id: "acknowledged"}
+
+            await eventually(settled, "the stale event failed, the next one published")
+        assert list(stored) == [later.id]
