@@ -94,7 +94,8 @@ async def run(users_total: int, serial_total: int) -> None:
     controller_settings = settings_for(work / "controller", relay_url, server.url, key)
     backend_settings = settings_for(work / "backend", relay_url, server.url, None)
     address = Address(controller_settings.session, controller_settings.require_machine())
-    controller, backend = await Node.open(controller_settings), await Node.open(backend_settings)
+    controller = await Node.open(controller_settings, untrusted_too=True)  # users' Requests
+    backend = await Node.open(backend_settings)
     stop = asyncio.Event()
     publisher = RelayPublisher([relay_url])
     async with BalancePaymentRpc.connect(

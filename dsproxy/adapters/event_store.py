@@ -41,6 +41,7 @@ from eventsourcing.persistence import (
     Transcoding,
 )
 from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.utils import get_topic
 
 from dsproxy.adapters.data_dir_lock import make_data_dir
 from dsproxy.errors import DuplicateEvent, StoreError
@@ -60,6 +61,10 @@ __all__ = [
 
 NOSTR_TOPIC = "dsproxy.nostr:Event"
 _SELECT_NEWEST = "SELECT rowid, originator_id FROM {table} WHERE rowid > ? ORDER BY rowid"
+_SELECT_TOPIC = (
+    "SELECT topic, state, originator_id, originator_version FROM {table} WHERE topic = ? "
+    "ORDER BY rowid"
+)
 EVENTS_PER_INSERT_MAX = 1_000  # 4,000 parameters: well within SQLite's 32,766
 _SELECT_AFTER = (
     "SELECT rowid, topic, state, originator_id, originator_version FROM {table} "
@@ -207,6 +212,7 @@ class EventStore:
         table = recorder.events_table_name
         self._table = table
         self._select_newest = _SELECT_NEWEST.format(table=table)
+        self._select_topic = _SELECT_TOPIC.format(table=table)
         self._select_after = _SELECT_AFTER.format(table=table)
         self._select_stored = _SELECT_STORED.format(table=table)
         self.recent = RecentRecords()
@@ -386,6 +392,15 @@ class EventStore:
     ) -> DomainEventProtocol[uuid.UUID]:
         stored = StoredEvent(uuid.UUID(originator_id), version, topic, state)
         return self.application.mapper.to_domain_event(stored)
+
+    def facts_of(self, kind: type) -> list[DomainEventProtocol[uuid.UUID]]:
+        """Every stored fact of one kind, in store order (the table has no index on topics:
+        for the rare kinds)."""
+        with self._recorder.datastore.transaction(commit=False) as cursor:
+            cursor.sqlite_cursor.row_factory = None
+            cursor.execute(self._select_topic, (get_topic(kind),))
+            rows = cursor.fetchall()
+        return [self._decode(*row) for row in rows]
 
     def scan(self, after: int = 0, page_size: int = 10_000) -> Iterator[StoredRecord]:
         """Every record after `after`, page by page, so memory stays flat."""

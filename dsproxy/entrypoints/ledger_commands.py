@@ -13,12 +13,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
 from tqdm import tqdm
 
 from dsproxy.adapters.data_dir_lock import exclusive_data_dir
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.bootstrap import address, fact_projections, open_ledger, trust_policy
 from dsproxy.config import Settings
+from dsproxy.domain.publication import Replacement
 from dsproxy.errors import BadInput, ConfigError
 from dsproxy.services.importer import import_jsonl
 from dsproxy.services.ingest import fetch_into_store
@@ -133,9 +135,13 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _write_events(store: AsyncEventStore, handle: Any) -> int:
+    """Every stored event but ours that were signed again: no relay has those, and without
+    the fact saying so a store imported from the file would count both."""
+    facts: list[Any] = store.sync.facts_of(Replacement.Recorded)
+    replaced = {fact.event_id for fact in facts}
     written = 0
     for record in store.sync.scan():
-        if record.is_nostr:
+        if record.is_nostr and (not replaced or orjson.loads(record.state)["id"] not in replaced):
             handle.write(record.state + b"\n")
             written += 1
     handle.flush()

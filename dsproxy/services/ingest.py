@@ -182,9 +182,28 @@ class CheckpointDb:
     async def open(cls, path: Path) -> CheckpointDb:
         schema = (
             "CREATE TABLE IF NOT EXISTS checkpoints "
-            "(relay TEXT PRIMARY KEY, created_at INTEGER NOT NULL) WITHOUT ROWID"
+            "(relay TEXT PRIMARY KEY, created_at INTEGER NOT NULL) WITHOUT ROWID;"
+            "CREATE TABLE IF NOT EXISTS asked (key TEXT PRIMARY KEY, authors TEXT) WITHOUT ROWID"
         )
         return cls(await open_sqlite(path, [schema], what="checkpoints"))
+
+    async def hold_for(self, authors: Sequence[str] | None) -> bool:
+        """Keep the checkpoints only if they were reached asking relays for every event of
+        `authors` (None: anyone's); otherwise forget them, so that history is read again from
+        the start (a key trusted now had events never asked for). True if forgotten."""
+        async with self._db.execute("SELECT authors FROM asked WHERE key = 'history'") as rows:
+            row = await rows.fetchone()
+        asked = None if row is None or row[0] is None else set(orjson.loads(row[0]))
+        wanted = None if authors is None else sorted(set(authors))
+        covered = row is None or asked is None or (wanted is not None and set(wanted) <= asked)
+        # before this was recorded every node asked for everyone's events (row is None)
+        if not covered:
+            await self._db.execute("DELETE FROM checkpoints")
+        await self._db.execute(
+            "INSERT OR REPLACE INTO asked (key, authors) VALUES ('history', ?)",
+            (None if wanted is None else orjson.dumps(wanted).decode(),),
+        )
+        return not covered
 
     async def get(self, relay: str) -> int | None:
         async with self._db.execute(
@@ -242,6 +261,7 @@ class Ingest:
         trusted = tuple(trusted) + ((own_pubkey,) if own_pubkey and trusted else ())
         self._history_passes = history_passes(trusted, untrusted_too)
         self._live_authors = None if untrusted_too else self._history_passes[0].authors
+        self.authors_asked: tuple[str, ...] | None = self._live_authors  # None: anyone's
         self.on_appended = on_appended
         self.own_pubkey = own_pubkey
         self.clock = clock

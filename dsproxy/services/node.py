@@ -118,7 +118,14 @@ class Node:
         except BaseException:  # what is open would keep the process from exiting
             await ledger.aclose()
             raise
-        return cls(settings, ledger, checkpoints, author, untrusted_too=untrusted_too)
+        node = cls(settings, ledger, checkpoints, author, untrusted_too=untrusted_too)
+        try:
+            if await checkpoints.hold_for(node.ingest.authors_asked):
+                log.warning("trusted keys were added: reading the relays' history from the start")
+        except BaseException:
+            await node.aclose()
+            raise
+        return node
 
     async def append(self, events: Sequence[NostrEvent]) -> AppendOutcome:
         """Store our own signed events (the outbox publishes them) and project them now."""

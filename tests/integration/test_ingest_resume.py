@@ -132,3 +132,32 @@ async def test_a_flood_in_the_second_of_a_credit_does_not_hide_it_from_history(
         assert await store.contains(credit.id)
     finally:
         await store.close()
+
+
+async def test_a_key_trusted_later_has_its_earlier_events_fetched(
+    local_relay: str, node_settings: Settings, address: Address
+) -> None:
+    """A backend asks relays only for its trusted keys' events: once a key was added to them,
+    its earlier credits lay below the checkpoint, never asked for, and were never counted."""
+    first = seal(Transaction(USERS[0], 11), address, CONTROLLER_SECRET)
+    # an hour before: well below the checkpoint minus the overlap the next session reads from
+    other = seal(Transaction(USERS[0], 22), address, STRANGER_SECRET, int(time.time()) - 3_600)
+    await publish(local_relay, [first, other])
+    settings = node_settings.replace(relays=(local_relay,))
+    async with running_node(settings) as node:
+
+        async def first_counted() -> bool:
+            return await balance(node, USERS[0]) == 11 and bool(
+                await node.checkpoints.get(local_relay)
+            )
+
+        await eventually(first_counted, "the trusted credit and a checkpoint")
+    widened = settings.replace(
+        trusted_controllers=(*settings.trusted_controllers, public_key_of(STRANGER_SECRET))
+    )
+    async with running_node(widened) as node:
+
+        async def both_counted() -> bool:
+            return await balance(node, USERS[0]) == 33
+
+        await eventually(both_counted, "the newly trusted key's earlier credit")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from tests.integration.relay_fixtures import (
     running_node,
     totals,
 )
+from tests.integration.test_ledger_cli import dsproxy
 from tests.integration.test_relay_connection import Script, scripted_relay
 
 __all__ = ["local_relay"]
@@ -207,7 +209,7 @@ async def outbox_rows(node: Node) -> dict[str, str]:
 
 
 async def test_an_event_kept_past_the_relays_window_is_signed_again_and_counted_once(
-    node_settings: Settings, tmp_path: Path, address: Address
+    node_settings: Settings, node_env: dict[str, str], tmp_path: Path, address: Address
 ) -> None:
     """A credit kept through an outage longer than the relay's `created_at` window was refused
     as `invalid:` and failed for good: the user paid, and no one else ever saw the credit."""
@@ -241,6 +243,12 @@ async def test_an_event_kept_past_the_relays_window_is_signed_again_and_counted_
         async with running_node(settings.replace(relays=())) as node:
             assert await balance(node, USERS[0]) == 700
             assert [p.event_id for p in await node.ledger.db.postings(USERS[0])] == [new["id"]]
+    # an export has what relays have: imported elsewhere (no fact says which replaced which),
+    # the old one and its replacement were both counted
+    exported = tmp_path / "exported.jsonl"
+    env = {"DSPROXY_DATA_DIR": str(settings.data_dir)}
+    assert dsproxy({**node_env, **env}, "export", str(exported)).returncode == 0
+    assert [json.loads(line)["id"] for line in exported.read_text().splitlines()] == [new["id"]]
 
 
 async def test_an_event_a_relay_has_though_it_refuses_its_age_is_published(
