@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
+from attrs import frozen
 
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.node_keys import load_secret
@@ -19,7 +22,7 @@ from dsproxy.services.node import Node
 from dsproxy.services.outbox import list_outbox
 from dsproxy.services.projector import rebuild
 from dsproxy.wire.envelope import Address, seal
-from dsproxy.wire.event import public_key_of
+from dsproxy.wire.event import NostrEvent, public_key_of
 from dsproxy.wire.messages import Transaction
 from tests.integration.relay_fixtures import (
     USERS,
@@ -208,23 +211,45 @@ async def outbox_rows(node: Node) -> dict[str, str]:
     return {str(event_id): str(status) for event_id, status in rows}
 
 
+async def until_outbox_holds(node: Node, statuses: list[str], what: str) -> None:
+    """Wait until the outbox's rows have these statuses (in any order)."""
+
+    async def reached() -> bool:
+        return sorted((await outbox_rows(node)).values()) == sorted(statuses)
+
+    await eventually(reached, what)
+
+
+@frozen
+class StaleCredit:
+    settings: Settings  # a node publishing to the relay below
+    event: NostrEvent  # a credit of 700 signed two minutes ago by the node's key
+    stored: dict[str, dict[str, Any]]  # what the relay holds, by id
+
+
+@contextlib.asynccontextmanager
+async def a_stale_credit(
+    node_settings: Settings, tmp_path: Path, address: Address, **relay: Any
+) -> AsyncIterator[StaleCredit]:
+    """A relay with a `created_at` window (see `relay_with_a_window`) and a credit past it."""
+    stored: dict[str, dict[str, Any]] = {}
+    async with scripted_relay(relay_with_a_window(stored, **relay)) as url:
+        settings = publishing_settings(node_settings, tmp_path, url)
+        secret = load_secret(settings.nostr_key_file)
+        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 120)
+        yield StaleCredit(settings, old, stored)
+
+
 async def test_an_event_kept_past_the_relays_window_is_signed_again_and_counted_once(
     node_settings: Settings, node_env: dict[str, str], tmp_path: Path, address: Address
 ) -> None:
     """A credit kept through an outage longer than the relay's `created_at` window was refused
     as `invalid:` and failed for good: the user paid, and no one else ever saw the credit."""
-    stored: dict[str, dict[str, Any]] = {}
-    async with scripted_relay(relay_with_a_window(stored)) as url:
-        settings = publishing_settings(node_settings, tmp_path, url)
-        secret = load_secret(settings.nostr_key_file)
-        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 120)
+    async with a_stale_credit(node_settings, tmp_path, address) as stale:
+        settings, old, stored = stale.settings, stale.event, stale.stored
         async with running_node(settings) as node:
             await node.append([old])
-
-            async def published() -> bool:
-                return sorted((await outbox_rows(node)).values()) == ["acknowledged", "replaced"]
-
-            await eventually(published, "the credit signed again and published")
+            await until_outbox_holds(node, ["acknowledged", "replaced"], "the credit signed again")
             (new,) = stored.values()
             assert (new["content"], new["tags"]) == (old.content, [list(t) for t in old.tags])
             assert new["id"] != old.id
@@ -255,11 +280,8 @@ async def test_an_event_a_relay_has_though_it_refuses_its_age_is_published(
     node_settings: Settings, tmp_path: Path, address: Address
 ) -> None:
     """An attempt whose OK was lost may have landed: signing again would count it twice."""
-    stored: dict[str, dict[str, Any]] = {}
-    async with scripted_relay(relay_with_a_window(stored)) as url:
-        settings = publishing_settings(node_settings, tmp_path, url)
-        secret = load_secret(settings.nostr_key_file)
-        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 120)
+    async with a_stale_credit(node_settings, tmp_path, address) as stale:
+        settings, old, stored = stale.settings, stale.event, stale.stored
         stored[old.id] = old.to_obj()
         async with running_node(settings) as node:
             await node.append([old])
@@ -276,18 +298,11 @@ async def test_an_event_refused_for_age_however_fresh_fails_and_the_node_goes_on
 ) -> None:
     """A relay whose clock is ahead of ours by more than its window refuses every replacement
     too: each was signed again at once, until no second was free and the node stopped."""
-    stored: dict[str, dict[str, Any]] = {}
-    async with scripted_relay(relay_with_a_window(stored, clock_ahead_s=60)) as url:
-        settings = publishing_settings(node_settings, tmp_path, url)
-        secret = load_secret(settings.nostr_key_file)
-        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 120)
+    async with a_stale_credit(node_settings, tmp_path, address, clock_ahead_s=60) as stale:
+        settings, old, stored = stale.settings, stale.event, stale.stored
         async with running_node(settings) as node:
             await node.append([old])
-
-            async def settled() -> bool:
-                return sorted((await outbox_rows(node)).values()) == ["failed", "replaced"]
-
-            await eventually(settled, "the replacement failed, not signed again")
+            await until_outbox_holds(node, ["failed", "replaced"], "the replacement failed")
             assert node.outbox is not None and node.outbox.stats.replaced == 1
             assert await balance(node, USERS[0]) == 700
         assert stored == {}
@@ -298,14 +313,13 @@ async def test_a_relay_that_will_not_say_whether_it_has_the_event_holds_nothing_
 ) -> None:
     """Asking relays whether they have a stale event must not wait forever on one that will
     not answer: every later event of ours waited behind it."""
-    stored: dict[str, dict[str, Any]] = {}
-    async with scripted_relay(relay_with_a_window(stored, closes_ids_queries=True)) as url:
-        settings = publishing_settings(node_settings, tmp_path, url).replace(
-            publish_rejections_max=3
+    async with a_stale_credit(node_settings, tmp_path, address, closes_ids_queries=True) as stale:
+        settings, old, stored = (
+            stale.settings.replace(publish_rejections_max=3),
+            stale.event,
+            stale.stored,
         )
-        secret = load_secret(settings.nostr_key_file)
-        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 120)
-        later = seal(Transaction(USERS[1], 5), address, secret)
+        later = seal(Transaction(USERS[1], 5), address, load_secret(settings.nostr_key_file))
         async with running_node(settings) as node:
             await node.append([old, later])
 
