@@ -191,6 +191,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "conversation_messages_max": (_int_at_least(1), 200),
     "content_bytes_max": (_int_at_least(256), 65_536),
     "history_overlap_s": (_int_at_least(0), 300),
+    "history_reread_s": (_int_at_least(1), 300),
     "ingest_queue_len_max": (_int_at_least(1), 10_000),
     "ingest_batch_events_max": (_int_at_least(1), 2_000),
     "relay_timeout_s": (_int_at_least(1), 10),
@@ -249,6 +250,7 @@ class Settings:
     conversation_messages_max: int
     content_bytes_max: int
     history_overlap_s: int
+    history_reread_s: int
     ingest_queue_len_max: int
     ingest_batch_events_max: int
     relay_timeout_s: int

@@ -456,9 +456,13 @@ class RelayConnection:
             f"silent: no OK within {self.timeout_s} s and the relay does not have the event",
         )
 
-    async def wait_lost(self) -> str:
-        """Return (with why) once the connection is gone."""
-        await self._gone.wait()
+    async def wait_lost(self, timeout_s: float | None = None) -> str | None:
+        """Return (with why) once the connection is gone; None if `timeout_s` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._gone.wait()
+        except TimeoutError:
+            return None
         return self._lost or "disconnected"
 
     async def close(self) -> None:

@@ -155,6 +155,7 @@ class IngestLimits:
     events_per_page_max: int = 5_000
     content_bytes_max: int = 65_536
     history_overlap_s: int = 300
+    history_reread_s: float = 300.0
     relay_timeout_s: float = 10.0
     retry_ms_min: int = 200
     retry_ms_max: int = 30_000
@@ -297,27 +298,11 @@ class Ingest:
                 await connection.subscribe_live(
                     session_filter(self.address, limit=1, authors=self._live_authors)
                 )
-                checkpoint = await self.checkpoints.get(url)
-                since = (
-                    0 if checkpoint is None else max(0, checkpoint - self.limits.history_overlap_s)
-                )
-                for fetch in self._history_passes:
-                    history = fetch_history(
-                        connection,
-                        self.address,
-                        since,
-                        self.limits.events_per_page_max,
-                        fetch.authors,
-                        fetch.skipped,
-                    )
-                    async with contextlib.aclosing(history):
-                        async for page in history:
-                            self.stats.overflowed_pages += page.overflowed
-                            if page.events:
-                                await self._enqueue(Incoming(url, page.events))
-                await self._enqueue(CaughtUp(url))
-                log.info("%s: caught up from %s", url, since)
-                reason = await connection.wait_lost()
+                await self._read_history(connection, url)
+                # The live subscription can go quiet with the socket up (a relay that drops it
+                # with only a NOTICE, or forgets it): history is read again now and then.
+                while (reason := await connection.wait_lost(self.limits.history_reread_s)) is None:
+                    await self._read_history(connection, url)
                 if time.monotonic() - opened_s >= STABLE_SESSION_S:
                     attempt = 0  # a relay that drops us after each catch-up waits ever longer
                 log.warning("%s: connection lost (%s); reconnecting", url, reason)
@@ -331,6 +316,27 @@ class Ingest:
             )
             attempt += 1
             await asyncio.sleep(delay_ms / 1000)
+
+    async def _read_history(self, connection: RelayConnection, url: str) -> None:
+        """Every event from the relay's checkpoint minus the overlap on, then CaughtUp."""
+        checkpoint = await self.checkpoints.get(url)
+        since = 0 if checkpoint is None else max(0, checkpoint - self.limits.history_overlap_s)
+        for fetch in self._history_passes:
+            history = fetch_history(
+                connection,
+                self.address,
+                since,
+                self.limits.events_per_page_max,
+                fetch.authors,
+                fetch.skipped,
+            )
+            async with contextlib.aclosing(history):
+                async for page in history:
+                    self.stats.overflowed_pages += page.overflowed
+                    if page.events:
+                        await self._enqueue(Incoming(url, page.events))
+        await self._enqueue(CaughtUp(url))
+        log.info("%s: caught up from %s", url, since)
 
     async def run(self) -> None:
         """The worker: take what is queued (up to a batch) and verify it while the batch before

@@ -37,6 +37,7 @@ def ingest_limits(settings: Settings) -> IngestLimits:
         events_per_page_max=settings.events_per_page_max,
         content_bytes_max=settings.content_bytes_max,
         history_overlap_s=settings.history_overlap_s,
+        history_reread_s=settings.history_reread_s,
         relay_timeout_s=settings.relay_timeout_s,
         retry_ms_min=settings.relay_retry_ms_min,
         retry_ms_max=settings.relay_retry_ms_max,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from typing import Any
+
+import orjson
+from aiohttp import web
 
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.config import Settings
@@ -26,6 +30,7 @@ from tests.integration.relay_fixtures import (
     running_node,
     totals,
 )
+from tests.integration.test_relay_connection import scripted_relay
 
 __all__ = ["local_relay"]
 
@@ -161,3 +166,34 @@ async def test_a_key_trusted_later_has_its_earlier_events_fetched(
             return await balance(node, USERS[0]) == 33
 
         await eventually(both_counted, "the newly trusted key's earlier credit")
+
+
+async def test_a_relay_whose_live_subscription_went_quiet_is_read_again(
+    node_settings: Settings, address: Address
+) -> None:
+    """A relay that drops the live subscription with only a NOTICE (or forgets it) keeps the
+    socket up: the node waited for live events forever, its balances going stale."""
+    stored: list[dict[str, Any]] = [
+        seal(Transaction(USERS[0], 5), address, CONTROLLER_SECRET).to_obj()
+    ]
+
+    async def history_only(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "REQ":  # every query gets what is stored; nothing is pushed live
+            for event in list(stored):
+                await ws.send_str(orjson.dumps(["EVENT", message[1], event]).decode())
+            await ws.send_str(orjson.dumps(["EOSE", message[1]]).decode())
+
+    async with scripted_relay(history_only) as url:
+        settings = node_settings.replace(relays=(url,), history_reread_s=1)
+        async with running_node(settings) as node:
+
+            async def first() -> bool:
+                return await balance(node, USERS[0]) == 5
+
+            await eventually(first, "the first credit")
+            stored.append(seal(Transaction(USERS[0], 7), address, CONTROLLER_SECRET).to_obj())
+
+            async def second() -> bool:
+                return await balance(node, USERS[0]) == 12
+
+            await eventually(second, "the credit the relay never pushed live", timeout_s=20)
