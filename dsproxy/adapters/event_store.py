@@ -419,6 +419,23 @@ class EventStore:
             )
             return int(cursor.fetchone()[0])
 
+    def stored_ids(self, event_ids: Sequence[Any]) -> set[str]:
+        """Which of these event ids the store has (anything that is not an id has none)."""
+        wanted = {i[:32]: i for i in event_ids if isinstance(i, str) and len(i) == 64}
+        found: set[str] = set()
+        keys = list(wanted)
+        with self._recorder.datastore.transaction(commit=False) as cursor:
+            cursor.sqlite_cursor.row_factory = None
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                cursor.execute(
+                    f"SELECT originator_id FROM {self._table} WHERE originator_version = 1 "
+                    f"AND originator_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                found.update(wanted[str(row[0])] for row in cursor.fetchall())
+        return found
+
     def contains(self, event_id: str) -> bool:
         return bool(self._recorder.select_events(originator_id_for(event_id), limit=1))
 
@@ -501,6 +518,10 @@ class AsyncEventStore:
 
     async def contains(self, event_id: str) -> bool:
         result: bool = await self._run(self.sync.contains, event_id)
+        return result
+
+    async def stored_ids(self, event_ids: Sequence[Any]) -> set[str]:
+        result: set[str] = await self._run(self.sync.stored_ids, event_ids)
         return result
 
     async def max_position(self) -> int:

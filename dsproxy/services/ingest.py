@@ -171,6 +171,7 @@ class IngestStats:
     refused: Counter[str] = field(factory=Counter)
     sessions: int = 0
     overflowed_pages: int = 0
+    rereads: int = 0  # history read again while connected
 
 
 class CheckpointDb:
@@ -288,6 +289,7 @@ class Ingest:
             connection = RelayConnection(
                 url, timeout_s=self.limits.relay_timeout_s, on_live=self._on_live
             )
+            opened_s: float | None = None
             try:
                 await connection.open()
                 opened_s = time.monotonic()
@@ -302,23 +304,28 @@ class Ingest:
                 # The live subscription can go quiet with the socket up (a relay that drops it
                 # with only a NOTICE, or forgets it): history is read again now and then.
                 while (reason := await connection.wait_lost(self.limits.history_reread_s)) is None:
-                    await self._read_history(connection, url)
-                if time.monotonic() - opened_s >= STABLE_SESSION_S:
-                    attempt = 0  # a relay that drops us after each catch-up waits ever longer
+                    await self._read_history(connection, url, again=True)
+                    self.stats.rereads += 1
                 log.warning("%s: connection lost (%s); reconnecting", url, reason)
             except RelayUnavailable as exc:
                 log.warning("%s: %s", url, exc)
             finally:
                 self.connected.discard(url)
                 await connection.close()
+                if opened_s is not None and time.monotonic() - opened_s >= STABLE_SESSION_S:
+                    attempt = 0  # a relay that drops us after each catch-up waits ever longer
             delay_ms = retry_delay_ms(
                 attempt, self.limits.retry_ms_min, self.limits.retry_ms_max, random.uniform(0.5, 1)
             )
             attempt += 1
             await asyncio.sleep(delay_ms / 1000)
 
-    async def _read_history(self, connection: RelayConnection, url: str) -> None:
-        """Every event from the relay's checkpoint minus the overlap on, then CaughtUp."""
+    async def _read_history(
+        self, connection: RelayConnection, url: str, *, again: bool = False
+    ) -> None:
+        """Every event from the relay's checkpoint minus the overlap on, then CaughtUp; `again`
+        (a re-read, which meets mostly what live delivery stored): what the store has already
+        is left out before it costs a signature check."""
         checkpoint = await self.checkpoints.get(url)
         since = 0 if checkpoint is None else max(0, checkpoint - self.limits.history_overlap_s)
         for fetch in self._history_passes:
@@ -333,8 +340,12 @@ class Ingest:
             async with contextlib.aclosing(history):
                 async for page in history:
                     self.stats.overflowed_pages += page.overflowed
-                    if page.events:
-                        await self._enqueue(Incoming(url, page.events))
+                    events = page.events
+                    if again and events:
+                        stored = await self.store.stored_ids([obj.get("id") for obj in events])
+                        events = tuple(obj for obj in events if obj.get("id") not in stored)
+                    if events:
+                        await self._enqueue(Incoming(url, events))
         await self._enqueue(CaughtUp(url))
         log.info("%s: caught up from %s", url, since)
 

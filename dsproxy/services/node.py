@@ -119,14 +119,7 @@ class Node:
         except BaseException:  # what is open would keep the process from exiting
             await ledger.aclose()
             raise
-        node = cls(settings, ledger, checkpoints, author, untrusted_too=untrusted_too)
-        try:
-            if await checkpoints.hold_for(node.ingest.authors_asked):
-                log.warning("trusted keys were added: reading the relays' history from the start")
-        except BaseException:
-            await node.aclose()
-            raise
-        return node
+        return cls(settings, ledger, checkpoints, author, untrusted_too=untrusted_too)
 
     async def append(self, events: Sequence[NostrEvent]) -> AppendOutcome:
         """Store our own signed events (the outbox publishes them) and project them now."""
@@ -136,6 +129,10 @@ class Node:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until `stop` is set or the task is cancelled; a crashed part stops the node."""
+        # here, not in `open`: a command that only reads the data dir (`dsproxy outbox`, beside
+        # a running node) must not change what the running node asked relays for
+        if await self.checkpoints.hold_for(self.ingest.authors_asked):
+            log.warning("trusted keys were added: reading the relays' history from the start")
         if not self.settings.relays:
             log.warning("DSPROXY_RELAYS is empty: the node neither receives nor publishes")
         elif self.outbox is None:

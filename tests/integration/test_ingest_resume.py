@@ -197,3 +197,45 @@ async def test_a_relay_whose_live_subscription_went_quiet_is_read_again(
                 return await balance(node, USERS[0]) == 12
 
             await eventually(second, "the credit the relay never pushed live", timeout_s=20)
+            rereads, received = node.ingest.stats.rereads, node.ingest.stats.received
+
+            async def read_twice_more() -> bool:
+                return node.ingest.stats.rereads >= rereads + 2
+
+            await eventually(read_twice_more, "two more reads of the history")
+            # what the store has is left out of a re-read before its signature is checked
+            assert node.ingest.stats.received == received
+
+
+async def test_a_command_that_only_reads_the_data_dir_leaves_what_was_asked_for(
+    local_relay: str, node_settings: Settings, address: Address
+) -> None:
+    """`dsproxy outbox` (which may run beside a node) opened a node with the settings just
+    edited: it recorded a newly trusted key as asked for, the running node wrote its
+    checkpoint back, and the next start never fetched that key's earlier events."""
+    # in the past: a checkpoint is never ahead of the clock
+    first = seal(Transaction(USERS[0], 11), address, CONTROLLER_SECRET, int(time.time()) - 10)
+    other = seal(Transaction(USERS[0], 22), address, STRANGER_SECRET, int(time.time()) - 3_600)
+    await publish(local_relay, [first, other])
+    settings = node_settings.replace(relays=(local_relay,))
+    widened = settings.replace(
+        trusted_controllers=(*settings.trusted_controllers, public_key_of(STRANGER_SECRET))
+    )
+
+    later = seal(Transaction(USERS[0], 1), address, CONTROLLER_SECRET, first.created_at + 5)
+    async with running_node(settings) as node:
+
+        async def checkpointed(at: int) -> bool:
+            return await node.checkpoints.get(local_relay) == at
+
+        await eventually(lambda: checkpointed(first.created_at), "a checkpoint")
+        reader = await Node.open(widened)  # as `dsproxy outbox` does, and never runs it
+        await reader.aclose()
+        await publish(local_relay, [later])  # the running node moves its checkpoint again
+        await eventually(lambda: checkpointed(later.created_at), "the checkpoint moved")
+    async with running_node(widened) as node:
+
+        async def all_counted() -> bool:
+            return await balance(node, USERS[0]) == 34
+
+        await eventually(all_counted, "the newly trusted key's earlier credit")
