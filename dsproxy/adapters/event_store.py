@@ -437,7 +437,7 @@ class EventStore:
         return found
 
     def contains(self, event_id: str) -> bool:
-        return bool(self._recorder.select_events(originator_id_for(event_id), limit=1))
+        return event_id in self.stored_ids([event_id])
 
     def close(self) -> None:
         self.application.close()

@@ -262,8 +262,8 @@ class Ingest:
         self.limits = limits
         trusted = tuple(trusted) + ((own_pubkey,) if own_pubkey and trusted else ())
         self._history_passes = history_passes(trusted, untrusted_too)
-        self._live_authors = None if untrusted_too else self._history_passes[0].authors
-        self.authors_asked: tuple[str, ...] | None = self._live_authors  # None: anyone's
+        # whose events relays are asked for, live and in history (None: anyone's)
+        self.authors_asked = None if untrusted_too else self._history_passes[0].authors
         self.on_appended = on_appended
         self.own_pubkey = own_pubkey
         self.clock = clock
@@ -298,7 +298,7 @@ class Ingest:
                 await self._enqueue(SessionStarted(url))
                 # Live first, then history: nothing can fall between the two.
                 await connection.subscribe_live(
-                    session_filter(self.address, limit=1, authors=self._live_authors)
+                    session_filter(self.address, limit=1, authors=self.authors_asked)
                 )
                 await self._read_history(connection, url)
                 # The live subscription can go quiet with the socket up (a relay that drops it

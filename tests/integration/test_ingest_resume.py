@@ -52,6 +52,11 @@ async def test_node_down_during_1000_events_ends_with_each_once(
         assert node.ingest.stats.appended == 1_000
         assert await balances(node) == totals(first)
 
+        async def checkpointed_first() -> bool:  # stored, then checkpointed: not at once
+            return await node.checkpoints.get(local_relay) == first[-1].created_at
+
+        await eventually(checkpointed_first, "the checkpoint of the first 1,000")
+
     second = credits(CONTROLLER_SECRET, address, 200, per_second=100, first_tokens=5_000)
     await publish(local_relay, second)
 
