@@ -115,7 +115,7 @@ class AccountsDb:
         self._clock = clock
         self._challenges_max = challenges_max
         self._bearers: dict[str, tuple[str, int | None, float]] = {}  # user, expiry, until
-        self._revocations = 0  # API keys revoked so far
+        self._revocations = 0  # API keys revoked and sessions ended so far
 
     @classmethod
     async def open(
@@ -190,6 +190,14 @@ class AccountsDb:
             "INSERT INTO users VALUES (?, ?, ?) ON CONFLICT (user) DO UPDATE SET updated_at = ?",
             (user, now, now, now),
         )
+
+    async def end_session(self, token_hash: str) -> bool:
+        """Log out: the session's token stops working at once, here and in the bearer cache."""
+        ended = await self._write("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+        self._bearers.pop(token_hash, None)
+        if ended:
+            self._revocations += 1  # a lookup that read the session before this must not cache it
+        return ended == 1
 
     async def user_for(self, secret_hash: str, now: int) -> str | None:
         """The user a bearer secret (hashed) belongs to: a live session or an unrevoked key."""

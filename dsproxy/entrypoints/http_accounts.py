@@ -2,6 +2,7 @@
 
 POST /v1/auth/challenge {user_pubkey}                 -> {message, nonce, expires_at}
 POST /v1/auth/login {user_pubkey, message, signature} -> {user, token, expire_at}
+POST /v1/auth/logout                                  (ends the login token it is sent with)
 GET|POST /v1/api-keys, DELETE /v1/api-keys/{id}       (needs a login token)
 GET /v1/balance, GET /v1/transactions
 POST /user/challenge, POST /user/login, GET /user     (the dApp's names)
@@ -85,6 +86,12 @@ def routes(backend: Backend) -> list[Route]:
         expire_at = now + settings.session_ttl_s
         await backend.accounts.add_session(hash_secret(token), user, expire_at, now)
         return json_response({"user": user, "token": token, "expire_at": expire_at})
+
+    async def logout(request: Request) -> Response:
+        user = await authenticate(request, backend, session_only=True)
+        token = request.headers["authorization"].partition(" ")[2].strip()
+        await backend.accounts.end_session(hash_secret(token))
+        return json_response({"user": user, "logged_out": True})
 
     async def list_keys(request: Request) -> Response:
         user = await authenticate(request, backend, session_only=True)
@@ -177,6 +184,7 @@ def routes(backend: Backend) -> list[Route]:
     return [
         Route("/v1/auth/challenge", challenge, methods=["POST"]),
         Route("/v1/auth/login", login, methods=["POST"]),
+        Route("/v1/auth/logout", logout, methods=["POST"]),
         Route("/user/challenge", challenge, methods=["POST"]),
         Route("/user/login", login, methods=["POST"]),
         Route("/user", dapp_user, methods=["GET"]),

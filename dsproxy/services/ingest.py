@@ -110,7 +110,7 @@ def _admit_all(
 
 
 VERIFIER_THREADS_MAX = 4
-VERIFY_SLICE_MIN = 64
+VERIFY_SLICE_MIN = 64  # below this many events a slice is not worth a thread hop of its own
 REFUSALS_REMEMBERED = 100_000
 """Refusals logged once each (remembered by a 16-byte digest of the reason): every new session
 reads the same junk again (it is not stored, so the checkpoint stays before it), and anyone may
@@ -118,7 +118,6 @@ publish junk with our tags."""
 STABLE_SESSION_S = 60.0
 """A session that lasted this long resets the reconnect backoff; a relay that drops us right
 after each catch-up is retried ever more slowly."""
-"""Below this many events a slice is not worth a thread hop of its own."""
 
 
 @frozen

@@ -147,6 +147,25 @@ async def test_an_api_key_cannot_manage_keys_or_revoke_anothers(
     assert models.status_code == 200
 
 
+async def test_logging_out_ends_that_login_only(client: httpx.AsyncClient) -> None:
+    """A login used once (cached as a bearer) stops working at logout; the user's other login
+    and API keys go on working, and an API key cannot log anyone out."""
+    session, other = await login(client, WALLET), await login(client, WALLET)
+    key = (await create_api_key(client, session))["key"]
+    assert (await client.get("/v1/balance", headers=bearer(session))).status_code == 200
+    refused = await client.post("/v1/auth/logout", headers=bearer(key))
+    assert refused.status_code == 401
+    response = await client.post("/v1/auth/logout", headers=bearer(session))
+    assert response.status_code == 200
+    assert response.json() == {"user": USER, "logged_out": True}
+    after = await client.get("/v1/balance", headers=bearer(session))
+    assert after.status_code == 401
+    assert after.json()["error"]["type"] == "authentication_error"
+    assert (await client.post("/v1/auth/logout", headers=bearer(session))).status_code == 401
+    for still in (other, key):
+        assert (await client.get("/v1/balance", headers=bearer(still))).status_code == 200
+
+
 async def test_a_user_has_a_bounded_number_of_keys_and_logins(
     client: httpx.AsyncClient,
 ) -> None:
