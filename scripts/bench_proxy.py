@@ -167,9 +167,17 @@ async def run(
                 assert response.status_code == 200, response.status_code
                 latencies.append(time.perf_counter() - started)
 
-        for index in range(min(concurrency, 8)):  # warm connections
-            warm = {**body(-1 - index), "stream": False}
-            await http.post("/chat/completions", json=warm, headers=headers)
+        # warm every connection the run will use, ours and the proxy's to the upstream: one
+        # after another, all would reuse one connection and the first round would time
+        # `concurrency` connects on each side (the steady state is what is measured)
+        await asyncio.gather(
+            *(
+                http.post(
+                    "/chat/completions", json={**body(-1 - index), "stream": False}, headers=headers
+                )
+                for index in range(concurrency)
+            )
+        )
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started

@@ -7,7 +7,7 @@ the same transaction as the balances, so the view never runs ahead of or behind 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import orjson
@@ -170,12 +170,25 @@ class RechargesProjection:
     # --- reads ------------------------------------------------------------------------------
 
     @staticmethod
-    async def new_requests(db: ProjectionDb, limit: int) -> list[RequestRow]:
-        rows = await db.fetch_all(
+    async def new_requests(
+        db: ProjectionDb,
+        limit: int,
+        *,
+        leaving_out: Collection[str] = (),
+        only: Collection[str] | None = None,
+    ) -> list[RequestRow]:
+        """Unanswered Requests, the oldest first: none of `leaving_out`, and (if given) only
+        those of `only`."""
+        query = (
             "SELECT request_id, position, requester, created_at, state, detail, payment_id "
-            "FROM recharge_requests WHERE state = 'new' ORDER BY position LIMIT ?",
-            (limit,),
+            "FROM recharge_requests WHERE state = 'new' "
+            "AND request_id NOT IN (SELECT value FROM json_each(?))"
         )
+        params: list[Any] = [orjson.dumps(list(leaving_out)).decode()]
+        if only is not None:
+            query += " AND request_id IN (SELECT value FROM json_each(?))"
+            params.append(orjson.dumps(list(only)).decode())
+        rows = await db.fetch_all(query + " ORDER BY position LIMIT ?", (*params, limit))
         return [RequestRow(*row) for row in rows]
 
     @staticmethod

@@ -283,12 +283,19 @@ class BalancePaymentRpc:
 
     # --- reads ----------------------------------------------------------------------------------
 
-    async def fetch_account_data(self, pubkey: Pubkey) -> bytes | None:
+    async def fetch_program_data(self, pubkey: Pubkey) -> bytes | None:
+        """The data of one of the program's accounts; None if the program has none there.
+
+        Anyone can send lamports to an address the program has not created yet: that account
+        is the System program's, with no data, and is no account of the program's."""
         response = await self._call(
             "getAccountInfo",
             self._client.get_account_info(pubkey, self.commitment),  # type: ignore[arg-type]
         )
-        return None if response.value is None else bytes(response.value.data)
+        account = response.value
+        if account is None or account.owner != self.program.program_id:
+            return None
+        return bytes(account.data)
 
     async def fetch_balance(self, pubkey: Pubkey) -> int:
         response = await self._call(
@@ -301,13 +308,13 @@ class BalancePaymentRpc:
         """The bot and treasury the program will accept (v1 GLOBAL, v2 the namespace)."""
         if self.program.version == 1:
             address = self.program.global_pda()[0]
-            data = await self.fetch_account_data(address)
+            data = await self.fetch_program_data(address)
             if data is None:
                 raise PaymentError(f"the program's GLOBAL account {address} does not exist")
             settings = GlobalAccount.decode(data)
             return ProgramSettings(settings.bot, settings.treasury)
         address = self.program.namespace_pda()[0]
-        data = await self.fetch_account_data(address)
+        data = await self.fetch_program_data(address)
         if data is None:
             raise PaymentError(f"namespace {self.program.namespace_id} ({address}) does not exist")
         namespace = NamespaceAccount.decode(data)
@@ -315,7 +322,7 @@ class BalancePaymentRpc:
         return ProgramSettings(namespace.bot, namespace.treasury, prefix)
 
     async def fetch_user(self, user: Pubkey) -> UserAccount | None:
-        data = await self.fetch_account_data(self.program.user_pda(user)[0])
+        data = await self.fetch_program_data(self.program.user_pda(user)[0])
         return None if data is None else UserAccount.decode(data)
 
     async def fetch_onchain_user(self, user: Pubkey) -> OnChainUser | None:

@@ -202,6 +202,13 @@ class LocalChain:
             account = self._svm.get_account(pubkey)
             return account if account is not None and account.lamports > 0 else None
 
+    def put_account(self, pubkey: Pubkey, account: Account) -> None:
+        """Set an account's state outright, as litesvm's `set_account` does: for tests and
+        set-ups that need a state no transaction of this program makes (an account written by
+        another build of the program)."""
+        with self._lock:
+            self._svm.set_account(pubkey, account)
+
     def get_balance(self, pubkey: Pubkey) -> int:
         account = self.get_account(pubkey)
         return 0 if account is None else account.lamports

@@ -213,7 +213,7 @@ def handle_request(chain: LocalChain, request: Any) -> dict[str, Any]:
         result = handler(chain, params)
     except RpcFailure as failure:
         return _error(request_id, failure.code, failure.message, failure.data)
-    except (AttributeError, TypeError, ValueError) as exc:
+    except (AttributeError, OverflowError, TypeError, ValueError) as exc:
         return _error(request_id, -32602, f"Invalid params: {exc}")
     return {"jsonrpc": "2.0", "id": request_id, "result": result}
 

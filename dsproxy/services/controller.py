@@ -23,6 +23,8 @@ __all__ = ["ControllerLoop"]
 
 log = logging.getLogger(__name__)
 
+_REQUEST = "request "  # the key prefix of a Request's work
+
 
 class ControllerLoop:
     """Schedules the handler's work; every failure is retried later, never dropped."""
@@ -63,8 +65,20 @@ class ControllerLoop:
                 f"payment {payment.payment_id}",
                 lambda p=payment: self.handler.resume(p.payment_id, p.user),
             )
-        for row in await RechargesProjection.new_requests(self.db, self._queue_len_max):
-            started += self._start(f"request {row.request_id}",
+        # Requests never tried come first, then those whose retry is due: Requests that keep
+        # failing (anyone can publish them) must not fill the window and hold others back
+        tried = [key for key in self._retry_at if key.startswith(_REQUEST)]
+        due = [key for key in tried if self._retry_at[key] <= self.clock()]
+        untried = await RechargesProjection.new_requests(
+            self.db, self._queue_len_max, leaving_out=[key[len(_REQUEST) :] for key in tried]
+        )
+        retried = await RechargesProjection.new_requests(
+            self.db, len(due), only=[key[len(_REQUEST) :] for key in due]
+        )
+        for key in set(due) - {_REQUEST + row.request_id for row in retried}:
+            del self._retry_at[key]  # answered meanwhile (by a restart, or another path)
+        for row in [*untried, *retried[: self._queue_len_max]]:
+            started += self._start(_REQUEST + row.request_id,
                                    lambda r=row: self.handler.handle_request(r))  # fmt: skip
         return started
 

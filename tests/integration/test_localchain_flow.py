@@ -6,6 +6,7 @@ not even the fee is charged); a resend of the same signed transaction must never
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from solana.rpc.async_api import AsyncClient
 from solana.rpc.commitment import Confirmed
@@ -263,7 +264,7 @@ async def test_locked_lamports_are_not_free_until_settled(world: World) -> None:
     await rpc.submit(await rpc.sign([lock], payer=bot, signers=[]))
     assert (await world.onchain()).locked_lamports == 12_000_000
     lock_address = rpc.program.lock_pda(user.pubkey(), 0)[0]
-    lock_data = await rpc.fetch_account_data(lock_address)
+    lock_data = await rpc.fetch_program_data(lock_address)
     assert lock_data is not None and LockAccount.decode(lock_data).amount == 12_000_000
     with pytest.raises(PaymentInsufficientFunds):
         await rpc.withdraw(user, DEPOSIT_LAMPORTS - 12_000_000 + 1)
@@ -277,8 +278,8 @@ async def test_locked_lamports_are_not_free_until_settled(world: World) -> None:
 
     assert (await world.onchain()).locked_lamports == 0
     assert world.balances()["treasury"] == treasury + 7_000_000
-    assert await rpc.fetch_account_data(lock_address) is None  # closed, rent back to the payer
-    user_data = await rpc.fetch_account_data(rpc.program.user_pda(user.pubkey())[0])
+    assert await rpc.fetch_program_data(lock_address) is None  # closed, rent back to the payer
+    user_data = await rpc.fetch_program_data(rpc.program.user_pda(user.pubkey())[0])
     assert user_data is not None and UserAccount.decode(user_data).nonce == 1
 
 
@@ -326,3 +327,21 @@ async def test_solana_py_reads_and_airdrops_work_against_the_server(
         fee = (await client.get_fee_for_message(_transfer_message(target, latest.blockhash))).value
         assert fee == LAMPORTS_PER_SIGNATURE
         assert latest.last_valid_block_height == (await client.get_block_height()).value + 150
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("getMinimumBalanceForRentExemption", [2**64]),
+        ("requestAirdrop", ["11111111111111111111111111111111", 2**64]),
+    ],
+)
+async def test_numbers_beyond_u64_are_a_json_rpc_error_not_a_crash(
+    chain_server: LocalChainServer, method: str, params: list[object]
+) -> None:
+    """A real node answers -32602; the stand-in once answered HTTP 500 (an OverflowError)."""
+    async with httpx.AsyncClient() as http:
+        body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+        response = await http.post(chain_server.url, json=body)
+    assert response.status_code == 200
+    assert response.json()["error"]["code"] == -32602

@@ -6,12 +6,17 @@ import asyncio
 import json
 
 import pytest
+from solders.account import Account
 from solders.keypair import Keypair
+from solders.message import Message
+from solders.system_program import TransferParams, transfer
+from solders.transaction import Transaction as SolanaTransaction
 
 from dsproxy.adapters.recharges_projection import RechargesProjection
 from dsproxy.errors import RpcError, TransactionFailed
 from dsproxy.handlers.recharge import LANDED_LOOKUP_GRACE_S
 from dsproxy.localchain.chain import BLOCKHASH_VALID_SLOTS
+from dsproxy.services.controller import ControllerLoop
 from dsproxy.wire.envelope import Address
 from dsproxy.wire.event import load_stored_event, public_key_of, sign_event
 from dsproxy.wire.messages import Reason, Status, Transaction, parse_message
@@ -127,6 +132,60 @@ async def test_bad_requests_get_lock_failed_and_spend_nothing(
     assert (await failure_of(controller, request.id)).startswith(expected)
     row = await RechargesProjection.request(controller.node.db, request.id)
     assert row is not None and row.state == "refused" and row.detail.startswith(expected)
+
+
+async def test_a_user_whose_address_anyone_sent_lamports_to_is_still_not_registered(
+    controller: Controller, address: Address
+) -> None:
+    """A System transfer to the USER address of a key that never registered leaves an empty
+    account the System program owns there (possible on any cluster): that is no USER account.
+    Each Request naming that key once failed before it was answered and was retried for ever."""
+    world = controller.world
+    stranger, sender = Keypair(), Keypair()
+    world.chain.airdrop(sender.pubkey(), 10**9)
+    user_address = world.rpc.program.user_pda(stranger.pubkey())[0]
+    blockhash, _ = world.chain.latest_blockhash()
+    params = TransferParams(from_pubkey=sender.pubkey(), to_pubkey=user_address, lamports=890_880)
+    message = Message([transfer(params)], sender.pubkey())
+    world.chain.send_transaction(bytes(SolanaTransaction([sender], message, blockhash)))
+    assert world.chain.get_balance(user_address) == 890_880
+
+    assert await world.rpc.fetch_user(stranger.pubkey()) is None
+    request = dapp_request(address, stranger, world.authorize(0, by=stranger), 0)
+    await controller.deliver(request)
+    assert (await failure_of(controller, request.id)).startswith("not_registered")
+
+
+async def test_requests_that_keep_failing_do_not_hold_back_other_users(
+    controller: Controller, address: Address
+) -> None:
+    """64 Requests naming a user whose USER account the controller cannot read (here written
+    by another build of the program) fail on every try. They once filled the controller's
+    window of new Requests for good: a paying user's later Request was never answered."""
+    world = controller.world
+    unreadable = Keypair()
+    world.chain.put_account(
+        world.rpc.program.user_pda(unreadable.pubkey())[0],
+        Account(10**7, b"not a USER account", world.rpc.program.program_id),
+    )
+    failing = [
+        dapp_request(address, unreadable, world.authorize(0, by=unreadable), 0) for _ in range(64)
+    ]
+    good = dapp_request(address, world.keys.user, world.authorize(0), 0)
+    await controller.node.store.append_nostr([*failing, good])
+    await controller.node.projector.catch_up()
+    now = [0.0]
+    loop = ControllerLoop(controller.handler, concurrency_max=16, clock=lambda: now[0])
+    for _ in range(3):
+        await loop.schedule()
+        await loop.settle()
+        now[0] += 3600  # every retry is due again at the next pass
+    row = await RechargesProjection.request(controller.node.db, good.id)
+    assert row is not None and row.state == "paid"
+    assert await controller.balance(world.keys.user) == CREDIT
+    for event in failing[:3]:  # they are still tried: the chain or a fix may mend them
+        row = await RechargesProjection.request(controller.node.db, event.id)
+        assert row is not None and row.state == "new"
 
 
 async def test_replayed_signature_in_a_new_request_is_refused(
