@@ -47,11 +47,12 @@ def message_text(message: Mapping[str, Any]) -> str:
             for part in content
             if isinstance(part, Mapping) and part.get("type") == "text"
         )
-    for key in ("name", "reasoning_content", "tool_call_id"):
-        if isinstance(message.get(key), str):
-            parts.append(message[key])
-    if message.get("tool_calls"):
-        parts.append(orjson.dumps(message["tool_calls"]).decode())
+    for key, value in message.items():
+        if key in ("role", "content") or value is None:
+            continue
+        # names, tool calls, the older `function_call`, and whatever a server may read besides:
+        # a prompt part left uncounted would be held and checked against the window as nothing
+        parts.append(value if isinstance(value, str) else orjson.dumps(value).decode())
     return "\n".join(parts)
 
 

@@ -16,6 +16,7 @@ import httpx
 import orjson
 from attrs import frozen
 from httpx_aiohttp import AiohttpTransport
+from httpx_sse import EventSource, SSEError
 
 from dsproxy.errors import (
     UpstreamCut,
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 ERROR_BODY_BYTES_MAX = 4_096
 RESPONSE_BYTES_MAX = 16 * 1_048_576
-_DONE = b"[DONE]"
+_DONE = "[DONE]"
 
 
 def _detail(body: bytes) -> str:
@@ -75,10 +76,33 @@ def _error_of(response: httpx.Response, body: bytes) -> UpstreamError:
     return error_for_status(response.status_code, body, response.headers.get("retry-after"))
 
 
+def _reason(exc: httpx.HTTPError) -> str:
+    """What went wrong, as aiohttp saw it (httpx-aiohttp names every failure to connect, a
+    refused connection too, a ConnectTimeout)."""
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientError):
+        return f"{type(cause).__name__}: {cause}"[:200]
+    return type(exc).__name__
+
+
 def _translate(exc: httpx.HTTPError) -> UpstreamError:
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"the model server did not answer in time ({type(exc).__name__})")
-    return UpstreamError(f"cannot reach the model server ({type(exc).__name__})")
+    cause = exc.__cause__
+    timed_out = isinstance(exc, httpx.TimeoutException) and (
+        not isinstance(cause, aiohttp.ClientConnectionError) or isinstance(cause, TimeoutError)
+    )
+    if timed_out:
+        return UpstreamTimeout(f"the model server did not answer in time ({_reason(exc)})")
+    return UpstreamError(f"cannot reach the model server ({_reason(exc)})")
+
+
+def _note_choices(choices: Any, begun: set[Any], ended: set[Any]) -> None:
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict):
+            index = choice.get("index", 0)
+            if isinstance(index, int):
+                begun.add(index)
+                if choice.get("finish_reason") is not None:
+                    ended.add(index)
 
 
 @frozen
@@ -100,12 +124,19 @@ class UpstreamStream:
         self.finished = False  # saw `data: [DONE]`
 
     async def chunks(self) -> AsyncIterator[StreamChunk]:
-        """Parsed chunks; raises UpstreamCut if the stream ends without `[DONE]`."""
+        """Parsed chunks; raises UpstreamCut if the stream ends before `[DONE]`, unless every
+        choice it began had its `finish_reason` (some servers leave `[DONE]` out).
+
+        Events are read as the SSE standard says (httpx-sse): a line ends only at CR or LF (a
+        model's U+2028 inside a JSON string once cut a chunk in two), the `data:` lines of one
+        event are joined, and an event without data is skipped."""
+        begun: set[Any] = set()  # choice indexes seen, and those that ended
+        ended: set[Any] = set()
         try:
-            async for line in self._response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, `: keep-alive` comments, `event:` lines
-                payload = line[5:].strip().encode()
+            async for event in EventSource(self._response).aiter_sse():
+                payload = event.data.strip()
+                if not payload:
+                    continue  # `data:` with nothing after it
                 if payload == _DONE:
                     self.finished = True
                     return
@@ -117,11 +148,17 @@ class UpstreamStream:
                     raise UpstreamCut("the model server sent a chunk that is not an object")
                 if "error" in data:
                     raise UpstreamCut(f"the model server failed mid-stream: {data['error']}")
-                yield StreamChunk(payload, data)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout("the model server stopped sending mid-stream") from exc
+                _note_choices(data.get("choices"), begun, ended)
+                yield StreamChunk(payload.encode(), data)
+        except SSEError as exc:  # open_stream checked the content type: not seen
+            raise UpstreamCut(f"the model server's stream is not SSE: {exc}") from None
         except httpx.HTTPError as exc:
-            raise UpstreamCut(f"the stream was cut ({type(exc).__name__})") from exc
+            if isinstance(_translate(exc), UpstreamTimeout):
+                raise UpstreamTimeout("the model server stopped sending mid-stream") from exc
+            raise UpstreamCut(f"the stream was cut ({_reason(exc)})") from exc
+        if begun and begun <= ended:
+            self.finished = True
+            return
         raise UpstreamCut("the stream ended without its end marker")
 
     async def aclose(self) -> None:
@@ -239,8 +276,9 @@ class Upstream:
             response = await self._send(request, stream=True)
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
-        json_answer = response.headers.get("content-type", "").startswith("application/json")
-        if response.status_code != 200 or json_answer:  # some servers say 200 over an error
+        media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if response.status_code != 200 or media_type != "text/event-stream":
+            # some servers say 200 over an error (as JSON)
             try:
                 content = await response.aread()
             except httpx.HTTPError:

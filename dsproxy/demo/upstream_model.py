@@ -16,6 +16,9 @@ Test directives, written anywhere in the last message, change its behaviour:
     [[think:MS]]     wait MS milliseconds before answering (a real model's time to first token)
     [[reason:N]]     think aloud first: N words of `reasoning_content` (counted in usage, as
                      deepseek-reasoner's are); `cut` and `pause` count answer words only
+    [[early-usage]]  stream a usage of the prompt alone with the first chunk, none at the end
+    [[function-call]] answer in the form before tool calls: the words are the `arguments` of a
+                     `function_call` named `answer`
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ __all__ = ["DEMO_MODELS", "DemoModel", "main"]
 DEMO_MODELS = ("deepseek-chat", "deepseek-reasoner")
 _TEXT = "this is the dsproxy demo model speaking in canned words so that charges are easy to check"
 _WORDS = _TEXT.split(" ")
-_DIRECTIVE = re.compile(r"\[\[(words|fail|cut|pause|omit-usage|think|reason)(?::(\d+))?\]\]")
+_DIRECTIVE = re.compile(
+    r"\[\[(words|fail|cut|pause|omit-usage|think|reason|early-usage|function-call)(?::(\d+))?\]\]"
+)
 
 
 class _CutConnection(Exception):
@@ -79,6 +84,7 @@ class DemoModel:
         self.pause_s = pause_s
         self.tokenizer = tokenizer or Tokenizer()
         self.requests = 0
+        self.answered = 0  # chats past their `think` time, for tests
         self.last_body: dict[str, Any] = {}  # what the last chat asked for, for tests
         self._ids = itertools.count(1)
         routes = []
@@ -121,6 +127,7 @@ class DemoModel:
         directives = _directives(messages)
         if "think" in directives:
             await asyncio.sleep(directives["think"] / 1000)
+        self.answered += 1
         if "fail" in directives:
             failure = _error(directives["fail"], "demo model: failing as asked")
             if directives["fail"] == 429:
@@ -140,8 +147,12 @@ class DemoModel:
             usage = {}
         head = {"id": f"chatcmpl-demo-{next(self._ids)}", "created": int(time.time())}
         head["model"] = model
+        calls = "function-call" in directives
         if not body.get("stream"):
-            message = {"role": "assistant", "content": "".join(deltas)}
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(deltas)}
+            if calls:
+                message["content"] = None
+                message["function_call"] = {"name": "answer", "arguments": "".join(deltas)}
             if reasoning:
                 message["reasoning_content"] = "".join(reasoning)
             answer = {**head, "object": "chat.completion", "choices": []}
@@ -151,8 +162,15 @@ class DemoModel:
             return JSONResponse(answer)
         stream_options = body.get("stream_options") or {}
         include_usage = bool(usage) and bool(stream_options.get("include_usage"))
+        early = {**usage, "completion_tokens": 0, "total_tokens": prompt_tokens}
         chunks = self._stream(
-            head, reasoning, deltas, finish_reason, usage if include_usage else None
+            head,
+            reasoning,
+            deltas,
+            finish_reason,
+            usage if include_usage and "early-usage" not in directives else None,
+            early if usage and "early-usage" in directives else None,
+            calls,
         )
         return StreamingResponse(self._directed(chunks, directives), media_type="text/event-stream")
 
@@ -163,6 +181,8 @@ class DemoModel:
         deltas: list[str],
         finish_reason: str,
         usage: dict[str, int] | None,
+        early_usage: dict[str, int] | None = None,
+        calls: bool = False,
     ) -> AsyncIterator[tuple[bool, bytes]]:
         """(is a word, SSE bytes) pairs, in the order OpenAI sends them."""
 
@@ -171,12 +191,16 @@ class DemoModel:
             return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
         role = {"role": "assistant", "content": ""}
-        yield False, event([{"index": 0, "delta": role, "finish_reason": None}])
+        first = {"usage": early_usage} if early_usage else {}
+        yield False, event([{"index": 0, "delta": role, "finish_reason": None}], **first)
         for thought in reasoning:
             thinking = {"reasoning_content": thought}
             yield False, event([{"index": 0, "delta": thinking, "finish_reason": None}])
-        for delta in deltas:
-            content = {"content": delta}
+        for index, delta in enumerate(deltas):
+            name = {"name": "answer"} if index == 0 else {}
+            content = (
+                {"function_call": {**name, "arguments": delta}} if calls else {"content": delta}
+            )
             yield True, event([{"index": 0, "delta": content, "finish_reason": None}])
         yield False, event([{"index": 0, "delta": {}, "finish_reason": finish_reason}])
         if usage is not None:

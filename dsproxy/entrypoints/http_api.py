@@ -476,8 +476,8 @@ async def _until_disconnect(
 
 
 async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
-    """Await `work` (a non-streamed chat); if the client goes away first, cancel it and raise
-    ClientGone: its hold is released, since nobody will read the answer.
+    """Await `work` (a non-streamed chat, or opening a stream); if the client goes away first,
+    cancel it and raise ClientGone: its hold is released, since nobody will read the answer.
 
     Starlette does not cancel a handler whose client left, and the answer would be charged."""
     task = asyncio.ensure_future(work)

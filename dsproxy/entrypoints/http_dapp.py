@@ -33,6 +33,7 @@ from dsproxy.entrypoints.http_api import (
     now_s,
     read_json,
     run_admitted,
+    unless_disconnected,
 )
 from dsproxy.errors import ContextTooLong, InvalidParameter, NotFound, UpstreamError
 from dsproxy.handlers.chat import Charge, UserTicket
@@ -190,7 +191,7 @@ def routes(backend: Backend) -> list[Route]:
                 "max_tokens": reply_tokens,
             }
             chat = await backend.chats.prepare(upstream_body)
-            stream = await backend.chats.stream(user, chat)
+            stream = await unless_disconnected(backend.chats.stream(user, chat), request.receive)
             try:
                 await backend.accounts.add_message(conversation.id, "user", content, 0, now_s())
             except BaseException:  # nothing delivered: the hold is released, the upstream closed

@@ -82,7 +82,11 @@ def routes(backend: Backend) -> list[Route]:
             # counting the prompt is the costly part of a refusal: it waits for the user's limits
             chat = await backend.chats.prepare(body)
             if chat.stream:
-                stream = await backend.chats.stream(user, chat)
+                # a client that leaves before the model answers must not keep its hold (and
+                # a concurrency slot) until the model does
+                stream = await unless_disconnected(
+                    backend.chats.stream(user, chat), request.receive
+                )
                 held = {"x-dsproxy-tokens-held": str(stream.hold.tokens)}
                 return MeteredStreamResponse(stream, OpenAIStreamRender(chat, stream), ticket, held)
             answer, charge = await unless_disconnected(

@@ -561,8 +561,13 @@ def _choice_texts(choices: Any, key: str) -> Iterator[str]:
             if isinstance(part.get(name), str):
                 yield part[name]
         calls = part.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            function = call.get("function") if isinstance(call, dict) else None
+        functions = (
+            [call.get("function") for call in calls if isinstance(call, dict)]
+            if isinstance(calls, list)
+            else []
+        )
+        functions.append(part.get("function_call"))  # the form before tool calls
+        for function in functions:
             if isinstance(function, dict):
                 yield str(function.get("name") or "") + str(function.get("arguments") or "")
 
@@ -581,6 +586,7 @@ def _trim_to_hold(answer: dict[str, Any], tokens_max: int, tokenizer: Tokenizer)
                 message[key] = tokenizer.truncate(message[key], tokens_max - kept)
                 kept += tokenizer.count(message[key])
         message.pop("tool_calls", None)
+        message.pop("function_call", None)
         choice["finish_reason"] = "length"
     return kept
 
@@ -604,6 +610,7 @@ class ChatStream:
     ) -> None:
         self.handler, self.hold, self.upstream = handler, hold, upstream
         self.usage: Usage | None = None
+        self._usage_stale = False  # text came after the last usage: it does not count that
         self.complete = False
         self._started_s = started_s
         self._texts: list[str] = []  # of the chunks delivered
@@ -625,17 +632,20 @@ class ChatStream:
                 first = False
             usage = _usage_of(chunk.data)
             if usage is not None:
-                self.usage = usage
+                self.usage, self._usage_stale = usage, False
                 if not chunk.data.get("choices"):
                     continue
                 chunk = StreamChunk(b"", {k: v for k, v in chunk.data.items() if k != "usage"})
             texts = list(_choice_texts(chunk.data.get("choices"), "delta"))
+            if usage is None and self.usage is not None and any(texts):
+                self._usage_stale = True  # a usage sent early (first or middle chunk)
             if await self._passes_hold(handed, texts):
                 # what the model wrote up to here, as it bills it (reasoning the route does not
                 # show included), not the usage of the chunk held back
                 tokens = await self.handler.tokenizer.count_async("".join(handed))
                 prompt = self.usage.prompt_tokens if self.usage else self.hold.prompt_tokens
                 self.usage = Usage(prompt, tokens) if tokens else None
+                self._usage_stale = False
                 self._pending.append([])
                 yield _length_end(chunk)
                 break
@@ -680,9 +690,9 @@ class ChatStream:
     async def _settle(self) -> Charge:
         with contextlib.suppress(Exception):
             await self.upstream.aclose()
-        if self.complete and self.usage is not None:
+        if self.complete and self.usage is not None and not self._usage_stale:
             usage = self.usage
-        else:  # cut, disconnected, or no usage reported: charge what was delivered
+        else:  # cut, disconnected, or no usage (of it all) reported: charge what was delivered
             completion = await self.handler.tokenizer.count_async("".join(self._texts))
             if completion == 0:
                 return await self.handler.meter.release(self.hold, "no output delivered")

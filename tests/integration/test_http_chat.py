@@ -366,6 +366,95 @@ async def test_a_client_that_leaves_before_a_non_streamed_answer_pays_nothing(
     assert read_debits(backend_settings, USER) == []
 
 
+async def test_a_client_that_leaves_before_a_stream_opens_frees_its_hold_at_once(
+    node_env: dict[str, str], demo_url: str, demo_model: DemoModel
+) -> None:
+    """A streamed chat waited for the model's first answer before it saw its client was gone:
+    its hold and its concurrency slot stayed taken until the model answered (up to the
+    upstream timeout, ten minutes)."""
+    settings = load_settings(backend_env(node_env, demo_url, DSPROXY_CONCURRENT_REQUESTS_MAX="1"))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            session = await funded(http, settings, WALLET, 1_000)
+            answered = demo_model.answered
+            body = {"model": "deepseek-chat", "messages": messages("hi [[think:4000]]")}
+            leaving = asyncio.create_task(post_chat(http, session, {**body, "stream": True}))
+
+            async def held() -> bool:
+                return (await balance(http, session))["held"] > 0
+
+            await eventually(held, "the streamed chat to take its hold")
+            leaving.cancel()
+
+            async def released() -> bool:
+                return (await balance(http, session))["held"] == 0
+
+            await eventually(released, "the hold of the chat whose client left")
+            assert demo_model.answered == answered  # released before the model answered
+            second = await post_chat(http, session, {**body, "messages": messages("hi")})
+            assert second.status_code == 200  # the slot is free again
+
+            async def model_done() -> bool:
+                return demo_model.answered == answered + 2
+
+            await eventually(model_done, "the model to end the abandoned chat")
+            balance_left = (await balance(http, session))["balance"]
+            assert balance_left == 1_000 - second.json()["dsproxy"]["tokens_charged"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_in_a_function_call_is_charged_when_counted_here(
+    client: httpx.AsyncClient, token: str, tokenizer: Tokenizer, stream: bool
+) -> None:
+    """The form of tool calls before `tool_calls`: its text was not counted, so an answer that
+    came without usage was charged its prompt alone, and a stream of it nothing at all."""
+    content = "hi [[function-call]] [[omit-usage]] [[words:4]]"
+    body = {"model": "deepseek-chat", "messages": messages(content), "stream": stream}
+    response = await post_chat(client, token, body)
+    assert response.status_code == 200
+    charged = expected_charge(tokenizer, content, "answer" + "this is the dsproxy")
+    assert (await balance(client, token))["balance"] == 1_000 - charged
+
+
+async def test_a_usage_sent_early_in_a_stream_does_not_bill_the_text_after_it(
+    client: httpx.AsyncClient, token: str, tokenizer: Tokenizer
+) -> None:
+    """A usage on the first chunk (none at the end) once billed the whole stream: the prompt,
+    and none of the words that followed."""
+    content = "hi [[early-usage]] [[words:4]]"
+    body = {
+        "model": "deepseek-chat",
+        "messages": messages(content),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    response = await post_chat(client, token, body)
+    assert response.status_code == 200
+    charged = expected_charge(tokenizer, content, "this is the dsproxy")
+    assert (await balance(client, token))["balance"] == 1_000 - charged
+
+
+async def test_a_function_call_in_the_history_is_part_of_the_prompt(
+    client: httpx.AsyncClient, token: str, backend_settings: Settings
+) -> None:
+    """A history message's `function_call` is read by the model (and billed by it), but was not
+    counted: a prompt of thousands of tokens took a hold of a few and passed the balance."""
+    history = [
+        {"role": "user", "content": "call it"},
+        {
+            "role": "assistant",
+            "content": None,
+            "function_call": {"name": "f", "arguments": "word " * 3000},
+        },
+        {"role": "user", "content": "go on"},
+    ]
+    response = await post_chat(client, token, {"model": "deepseek-chat", "messages": history})
+    assert response.status_code == 402, response.text
+    assert response.json()["error"]["code"] == "insufficient_balance"
+    assert (await balance(client, token))["balance"] == 1_000
+    assert read_debits(backend_settings, USER) == []
+
+
 async def test_a_client_gone_while_the_answer_waits_in_buffers_pays_only_what_it_was_sent(
     backend_settings: Settings, tokenizer: Tokenizer
 ) -> None:

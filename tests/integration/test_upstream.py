@@ -113,11 +113,16 @@ async def test_error_statuses_become_our_errors(
         await upstream.open_stream(chat(f"[[fail:{status}]]", stream=True))
 
 
-async def test_an_unreachable_server_is_an_upstream_error() -> None:
+async def test_an_unreachable_server_is_an_upstream_error_not_a_timeout() -> None:
+    """A refused connection was reported as a timeout (a 504 at once): httpx-aiohttp names every
+    failure to connect a ConnectTimeout."""
     client = Upstream(f"http://127.0.0.1:{free_port()}/v1", "", timeout_s=5)
     try:
-        with pytest.raises(UpstreamError):
-            await client.complete(chat("hi"))
+        for opening in (client.complete, client.open_stream):
+            with pytest.raises(UpstreamError) as raised:
+                await opening(chat("hi"))
+            assert not isinstance(raised.value, UpstreamTimeout)
+            assert "refused" in str(raised.value).lower() or "connect" in str(raised.value)
     finally:
         await client.aclose()
 
@@ -223,3 +228,76 @@ async def test_a_429s_retry_after_is_passed_on_within_an_hour(sent: str, passed_
         finally:
             await client.aclose()
     assert refused.value.retry_after_s == passed_on
+
+
+def _event(delta: dict[str, object], finish: str | None = None) -> bytes:
+    return orjson.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+async def _streamed(wire: bytes) -> tuple[list[dict[str, object]], bool, Exception | None]:
+    """What the adapter reads of a stream sent as these bytes: chunks, finished, the error."""
+
+    async def answer(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield wire
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])
+    received: list[dict[str, object]] = []
+    failure: Exception | None = None
+    with serve_in_thread(app) as base:
+        client = Upstream(base + "/v1", "key", timeout_s=5)
+        try:
+            stream = await client.open_stream(chat("hi", stream=True))
+            try:
+                async for piece in stream.chunks():
+                    received.append(piece.data)
+            except UpstreamCut as exc:
+                failure = exc
+            await stream.aclose()
+        finally:
+            await client.aclose()
+    return received, stream.finished, failure
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+async def test_a_stream_splits_lines_only_at_cr_and_lf(separator: str) -> None:
+    """JSON holds these characters raw and servers write them so; reading lines as Python's
+    splitlines does cut the chunk in two, and the stream failed as malformed."""
+    text = f"one{separator}two"
+    wire = b"data: " + _event({"content": text}) + b"\r\n\r\ndata: [DONE]\n\n"
+    received, finished, failure = await _streamed(wire)
+    assert failure is None and finished
+    assert [c["choices"][0]["delta"]["content"] for c in received] == [text]  # type: ignore[index]
+
+
+async def test_a_stream_joins_data_lines_and_skips_empty_data() -> None:
+    """The SSE standard: the `data:` lines of one event are one value; an event with empty data
+    (`data:` alone) carries nothing. Both once ended the stream as malformed."""
+    first = orjson.dumps(
+        {"choices": [{"index": 0, "delta": {"content": "a"}}]}, option=orjson.OPT_INDENT_2
+    )
+    split = b"\n".join(b"data: " + line for line in first.splitlines())
+    wire = b"data:\n\n" + split + b"\n\n: keep-alive\n\n" + b"data: [DONE]\n\n"
+    received, finished, failure = await _streamed(wire)
+    assert failure is None and finished
+    assert [c["choices"][0]["delta"]["content"] for c in received] == ["a"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("ends", "complete"),
+    [
+        ([("a", "stop")], True),  # every choice begun ended: some servers send no [DONE]
+        ([("a", None)], False),  # cut before its finish_reason
+        ([], False),  # nothing at all
+    ],
+)
+async def test_a_stream_without_done_is_complete_only_if_its_choices_ended(
+    ends: list[tuple[str, str | None]], complete: bool
+) -> None:
+    wire = b"".join(b"data: " + _event({"content": t}, f) + b"\n\n" for t, f in ends)
+    received, finished, failure = await _streamed(wire)
+    assert finished is complete
+    assert (failure is None) is complete
+    assert len(received) == len(ends)
