@@ -6,6 +6,7 @@ from attrs import define
 from solders.pubkey import Pubkey
 
 from dsproxy.adapters.balance_payment import BalancePayment
+from dsproxy.adapters.data_dir_lock import while_no_other_process_runs
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.holds_projection import HoldsProjection
 from dsproxy.adapters.node_keys import load_secret
@@ -90,7 +91,16 @@ async def open_ledger(settings: Settings) -> LedgerNode:
     store = AsyncEventStore.open(settings.events_path)
     try:
         db = await open_projection(
-            store, settings.projection_path, policy, settings.content_bytes_max, extensions
+            store,
+            settings.projection_path,
+            policy,
+            settings.content_bytes_max,
+            extensions,
+            exclusive=lambda: while_no_other_process_runs(
+                settings.data_dir,
+                "the projection was built under other settings (trusted keys, node key, content "
+                "limit) than this command's, and its rebuild",
+            ),
         )
     except BaseException:
         await store.close()

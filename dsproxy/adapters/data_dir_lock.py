@@ -16,10 +16,12 @@ from pathlib import Path
 
 from dsproxy.errors import ConfigError, StoreError
 
-__all__ = ["DATA_DIR_MODE", "exclusive_data_dir", "make_data_dir"]
+__all__ = ["DATA_DIR_MODE", "exclusive_data_dir", "make_data_dir", "while_no_other_process_runs"]
 
 DATA_DIR_MODE = 0o700
 """A data directory holds conversations, session tokens and keys' events: its owner's only."""
+
+_held_here: set[Path] = set()  # data directories this process holds
 
 
 def make_data_dir(path: Path) -> None:
@@ -57,4 +59,24 @@ def exclusive_data_dir(data_dir: Path, holder: str, *, create: bool = True) -> I
         handle.truncate()
         handle.write(f"{holder} (pid {os.getpid()})\n")
         handle.flush()
-        yield  # closing the file lets the lock go
+        held = data_dir.resolve()
+        _held_here.add(held)
+        try:
+            yield  # closing the file lets the lock go
+        finally:
+            _held_here.discard(held)
+
+
+@contextlib.contextmanager
+def while_no_other_process_runs(data_dir: Path, what: str) -> Iterator[None]:
+    """For work that must not happen under a running node (a rebuild swaps the projection's
+    file): the lock is held by this process already, or taken for the while, or ConfigError."""
+    if data_dir.resolve() in _held_here:
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_data_dir(data_dir, what, create=False))
+        except ConfigError as exc:
+            raise ConfigError(f"{what} cannot wait: {exc}") from None
+        yield

@@ -64,18 +64,21 @@ _UPSERT_ACCOUNT = (
 _PARAMS_PER_QUERY_MAX = 500
 
 
-def policy_fingerprint(policy: TrustPolicy, schemas: Sequence[str] = ()) -> str:
-    """A stable digest of the trust policy and extra schemas the tables were folded under."""
-    text = json.dumps(
-        [
-            policy.session,
-            policy.machine,
-            sorted(policy.controllers),
-            sorted(policy.backends),
-            sorted(schemas),
-        ]
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
+def policy_fingerprint(
+    policy: TrustPolicy, schemas: Sequence[str] = (), content_bytes_max: int = 65_536
+) -> str:
+    """A stable digest of what the tables were folded under: the trust policy, the extra
+    schemas, and the content limit (an entry over it is left out of the fold)."""
+    parts: list[object] = [
+        policy.session,
+        policy.machine,
+        sorted(policy.controllers),
+        sorted(policy.backends),
+        sorted(schemas),
+    ]
+    if content_bytes_max != 65_536:  # the default leaves the digest of earlier versions as it was
+        parts.append(content_bytes_max)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 class ProjectionMoved(StoreError):

@@ -13,6 +13,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -300,7 +301,7 @@ async def rebuild(
     schemas = [extension.schema for extension in extensions]
     db = await ProjectionDb.open(fresh, bulk=True, schemas=schemas)
     try:
-        await db.set_fingerprint(policy_fingerprint(policy, schemas))
+        await db.set_fingerprint(policy_fingerprint(policy, schemas, content_bytes_max))
         projector = Projector(
             store,
             db,
@@ -325,10 +326,15 @@ async def open_projection(
     policy: TrustPolicy,
     content_bytes_max: int = 65_536,
     extensions: Sequence[FactProjection] = (),
+    *,
+    exclusive: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> ProjectionDb:
-    """Open the projection, rebuilding it first if it was folded under another trust policy."""
+    """Open the projection, rebuilding it first if it was folded under another trust policy.
+
+    The rebuild swaps the file: it runs inside `exclusive()` (the data directory's lock), so
+    that it never happens under a running node, which would go on writing to the old file."""
     schemas = [extension.schema for extension in extensions]
-    fingerprint = policy_fingerprint(policy, schemas)
+    fingerprint = policy_fingerprint(policy, schemas, content_bytes_max)
     db = await ProjectionDb.open(path, schemas=schemas)
     recorded = await db.fingerprint()
     if recorded == fingerprint:
@@ -336,7 +342,10 @@ async def open_projection(
     if recorded is None and await db.position() == 0:
         await db.set_fingerprint(fingerprint)
         return db
-    log.warning("trust policy changed since %s was built: rebuilding it from the store", path)
     await db.close()
-    await rebuild(store, path, policy, content_bytes_max=content_bytes_max, extensions=extensions)
+    with exclusive():
+        log.warning("trust policy changed since %s was built: rebuilding it from the store", path)
+        await rebuild(
+            store, path, policy, content_bytes_max=content_bytes_max, extensions=extensions
+        )
     return await ProjectionDb.open(path, schemas=schemas)

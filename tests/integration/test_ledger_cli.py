@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dsproxy.adapters.listening import bind_port
+from dsproxy.config import load_settings
 from dsproxy.errors import ConfigError
 from dsproxy.wire.envelope import DEPHY_KIND, Address
 from dsproxy.wire.event import NostrEvent, sign_event
@@ -303,10 +304,22 @@ def test_one_service_per_data_directory(node_env: dict[str, str], data_dir: Path
             assert result.returncode == 2, (command, result.stderr)
             assert f"is in use by dsproxy node (pid {first.pid})" in result.stderr
         assert dsproxy(node_env, "balance", ALICE).returncode == 0
+        # a reading command under other settings once rebuilt the projection and swapped its
+        # file under the node, which went on writing to the old, deleted one
+        projection = load_settings(node_env).projection_path
+        built = projection.stat().st_ino
+        for other in ({"DSPROXY_TRUSTED_BACKENDS": ""}, {"DSPROXY_CONTENT_BYTES_MAX": "256"}):
+            result = dsproxy({**node_env, **other}, "balance", ALICE)
+            assert result.returncode == 2, (other, result.stderr)
+            assert "built under other settings" in result.stderr
+            assert f"in use by dsproxy node (pid {first.pid})" in result.stderr
+            assert projection.stat().st_ino == built
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(60) == 0
     assert dsproxy(node_env, "replay").returncode == 0  # the lock went with the process
+    changed = {**node_env, "DSPROXY_CONTENT_BYTES_MAX": "256"}
+    assert dsproxy(changed, "balance", ALICE).returncode == 0  # rebuilt: nobody runs on it
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700  # conversations are its owner's
 
 
