@@ -10,12 +10,13 @@ recorded in the same transaction as the fact that explains them; the outbox publ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from attrs import define, field
 from solders.keypair import Keypair
@@ -52,7 +53,7 @@ from dsproxy.services.projector import Projector
 from dsproxy.wire.envelope import Address, seal
 from dsproxy.wire.event import load_stored_event
 from dsproxy.wire.messages import I64_MAX, Request, parse_message
-from dsproxy.wire.recover import SIGN_MESSAGE_PREFIX_V1
+from dsproxy.wire.recover import SIGN_MESSAGE_PREFIX_V1, verify_recover
 
 __all__ = ["RechargeHandler", "build_recharge_handler"]
 
@@ -61,6 +62,12 @@ log = logging.getLogger(__name__)
 LANDED_LOOKUP_GRACE_S = 300
 """After this long, an expired payment whose nonce the chain has moved past, none of its
 transactions found, is logged as an error (it is looked for again all the same)."""
+
+
+@define
+class _UserLock:
+    lock: asyncio.Lock = field(factory=asyncio.Lock)
+    users: int = 0
 
 
 @define
@@ -84,7 +91,7 @@ class RechargeHandler:
     stale_after_s: int = 3600
     crash_at: frozenset[str] = frozenset()
     clock: Callable[[], float] = time.time
-    _user_locks: dict[str, asyncio.Lock] = field(factory=dict, init=False)
+    _user_locks: dict[str, _UserLock] = field(factory=dict, init=False)
 
     # --- entry points -----------------------------------------------------------------------
 
@@ -137,6 +144,18 @@ class RechargeHandler:
                     f"nonce {recharge.nonce} was already used by request {known.request_id}",
                     recharge.user,
                 )
+            )
+            return
+        if not verify_recover(
+            recharge.recover,
+            recharge.user,
+            recharge.nonce,
+            namespace_id=recharge.payload.namespace_id,
+            prefix=self.sign_prefix,
+        ):  # before any RPC call: anyone can publish Requests, a signature costs them nothing
+            detail = f"not a signature by {recharge.user} over this payload, nonce and deadline"
+            await self._refuse(
+                Refused(recharge.request_id, RefusalReason.SIGNATURE_INVALID, detail, recharge.user)
             )
             return
         onchain = await self.rpc.fetch_onchain_user(Pubkey.from_string(recharge.user))
@@ -387,12 +406,21 @@ class RechargeHandler:
             recover=message.payload.recover,
         )
 
-    def _lock(self, user: str) -> asyncio.Lock:
-        """One payment at a time per user: the chain's nonce is one sequence per user."""
-        lock = self._user_locks.get(user)
-        if lock is None:
-            lock = self._user_locks[user] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def _lock(self, user: str) -> AsyncIterator[None]:
+        """One payment at a time per user: the chain's nonce is one sequence per user. A lock
+        nobody holds or waits for is forgotten (users are whoever publishes a Request)."""
+        entry = self._user_locks.get(user)
+        if entry is None:
+            entry = self._user_locks[user] = _UserLock()
+        entry.users += 1  # holding it or waiting for it
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._user_locks[user]
 
     def _crash_point(self, name: str) -> None:
         """Die here, as a power cut would, when a test asks for it (DSPROXY_CRASH_AT)."""

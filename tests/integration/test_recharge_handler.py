@@ -13,6 +13,7 @@ from solders.system_program import TransferParams, transfer
 from solders.transaction import Transaction as SolanaTransaction
 
 from dsproxy.adapters.recharges_projection import RechargesProjection
+from dsproxy.adapters.solana_rpc import BalancePaymentRpc
 from dsproxy.errors import RpcError, TransactionFailed
 from dsproxy.handlers.recharge import LANDED_LOOKUP_GRACE_S
 from dsproxy.localchain.chain import BLOCKHASH_VALID_SLOTS
@@ -186,6 +187,20 @@ async def test_requests_that_keep_failing_do_not_hold_back_other_users(
     for event in failing[:3]:  # they are still tried: the chain or a fix may mend them
         row = await RechargesProjection.request(controller.node.db, event.id)
         assert row is not None and row.state == "new"
+
+
+async def test_a_forged_request_is_answered_without_asking_the_chain(
+    controller: Controller, address: Address
+) -> None:
+    """Anyone can publish Requests, and a bad signature costs nothing to make: each one cost two
+    RPC calls before its signature was checked (and, with the chain away, was retried for ever)."""
+    world = controller.world
+    forged = dapp_request(address, world.keys.user, world.authorize(0, by=Keypair()), 0)
+    async with BalancePaymentRpc.connect("http://127.0.0.1:9", world.rpc.program) as away:
+        controller.handler.rpc = away  # nothing answers there: any RPC call would fail
+        await controller.deliver(forged)
+    assert (await failure_of(controller, forged.id)).startswith("signature_invalid")
+    assert not controller.handler._user_locks  # one lock per user, forgotten once unused
 
 
 async def test_replayed_signature_in_a_new_request_is_refused(
