@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import orjson
-from attrs import define
+from attrs import define, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -189,6 +189,28 @@ class CountRequests:
         await self.app(scope, receive, counting_send)
 
 
+STORAGE_FAILURE_SHOWN_S = 60.0
+"""/healthz says "failing" this long after a request failed on storage (a full disk)."""
+
+
+@define
+class StorageHealth:
+    """The last storage failure a request met, for /healthz: the process itself keeps
+    serving, but a full or broken disk fails every chat that must record its charge."""
+
+    failure: str | None = None
+    failed_at: float = 0.0  # time.monotonic()
+
+    def failed(self, failure: str) -> None:
+        self.failure, self.failed_at = failure, time.monotonic()
+
+    def recent(self) -> str | None:
+        """The failure, if it happened within STORAGE_FAILURE_SHOWN_S."""
+        if self.failure is None or time.monotonic() - self.failed_at > STORAGE_FAILURE_SHOWN_S:
+            return None
+        return self.failure
+
+
 @define
 class Backend:
     """Everything one backend process serves with; build with `open_backend`."""
@@ -205,6 +227,7 @@ class Backend:
     metrics: Metrics
     server: str  # the public URL login challenges are bound to
     pubkey: str
+    storage: StorageHealth = field(factory=StorageHealth)
 
 
 def catalog_of(settings: Settings) -> ModelCatalog:

@@ -38,7 +38,7 @@ from dsproxy.entrypoints.http_api import (
     json_response,
     open_backend,
 )
-from dsproxy.errors import DsproxyError
+from dsproxy.errors import DsproxyError, StoreError
 
 __all__ = ["add_commands", "build_app", "main", "serve"]
 
@@ -50,18 +50,25 @@ def build_app(backend: Backend) -> ASGIApp:
 
     async def healthz(request: Request) -> Response:
         """200 while it can serve chats; "degraded" when no relay is connected (debits wait in
-        the outbox, credits do not arrive), which a restart would not mend."""
+        the outbox, credits do not arrive), which a restart would not mend; 503 "failing" for a
+        minute after a request failed on storage (a full disk fails every chat)."""
         ledger = backend.node.ledger
         relays = backend.node.settings.relays
         connected = len(backend.node.ingest.connected)
-        return json_response(
-            {
-                "status": "degraded" if relays and not connected else "ok",
-                "relays": {"configured": len(relays), "connected": connected},
-                "store_position": await ledger.store.max_position(),
-                "projection_position": await ledger.db.position(),
-            }
-        )
+        storage_failure = backend.storage.recent()
+        status = "degraded" if relays and not connected else "ok"
+        body: dict[str, object] = {
+            "status": "failing" if storage_failure else status,
+            "relays": {"configured": len(relays), "connected": connected},
+            "storage": {"last_failure": storage_failure},
+        }
+        try:
+            body["store_position"] = await ledger.store.max_position()
+            body["projection_position"] = await ledger.db.position()
+        except DsproxyError as exc:
+            backend.storage.failed(str(exc))
+            body["status"], body["storage"] = "failing", {"last_failure": str(exc)}
+        return json_response(body, 503 if body["status"] == "failing" else 200)
 
     async def metrics(request: Request) -> Response:
         await backend.metrics.refresh(backend)
@@ -72,6 +79,8 @@ def build_app(backend: Backend) -> ASGIApp:
         response = error_response(exc)
         if response.status_code >= 500:  # the operator's to fix (a full disk): say so in the log
             log.error("%s %s: %s", request.method, request.url.path, exc)
+        if isinstance(exc, StoreError):
+            backend.storage.failed(str(exc))
         return response
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -6,6 +6,7 @@ exact charges, every failure mode, bad input and limits."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -696,6 +697,26 @@ async def test_healthz_says_whether_a_relay_is_connected(
                 await eventually(reported, f"/healthz to say {status}")
                 configured = len(relays.split(","))
                 assert health["relays"] == {"configured": configured, "connected": connected}
+
+
+async def test_healthz_says_failing_after_a_request_failed_on_storage(
+    backend_settings: Settings, client: httpx.AsyncClient
+) -> None:
+    """A full or locked disk fails every request that must record something, while /healthz
+    said "ok": an orchestrator saw nothing wrong."""
+    assert (await client.get("/healthz")).json()["status"] == "ok"
+    accounts = sqlite3.connect(backend_settings.data_dir / "backend.sqlite", isolation_level=None)
+    try:
+        accounts.execute("BEGIN EXCLUSIVE")  # another writer holds the file past the timeout
+        refused = await client.post("/v1/auth/challenge", json={"user_pubkey": USER})
+    finally:
+        accounts.close()
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "storage_unavailable"
+    health = await client.get("/healthz")
+    assert health.status_code == 503
+    assert health.json()["status"] == "failing"
+    assert "locked" in health.json()["storage"]["last_failure"]
 
 
 async def test_models_lists_the_configured_models(sdk: openai.AsyncOpenAI) -> None:
