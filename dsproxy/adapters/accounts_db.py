@@ -279,11 +279,19 @@ class AccountsDb:
         )
         return row
 
-    async def conversations(self, user: str, limit: int) -> list[ConversationRow]:
+    async def conversations(
+        self, user: str, limit: int, after: ConversationRow | None = None
+    ) -> list[ConversationRow]:
+        """The user's conversations, the last updated first; `after` one of them: those listed
+        after it (a page of a longer list)."""
+        where, params = "user = ?", [user]
+        if after is not None:
+            where += " AND (updated_at < ? OR (updated_at = ? AND id > ?))"
+            params += [after.updated_at, after.updated_at, after.id]
         rows = await self._rows(
             "SELECT id, user, title, model, created_at, updated_at FROM conversations "
-            "WHERE user = ? ORDER BY updated_at DESC, id LIMIT ?",
-            (user, limit),
+            f"WHERE {where} ORDER BY updated_at DESC, id LIMIT ?",
+            (*params, limit),
         )
         return [ConversationRow(*row) for row in rows]
 

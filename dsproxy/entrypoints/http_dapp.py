@@ -137,13 +137,25 @@ def routes(backend: Backend) -> list[Route]:
         return json_response(_conversation_json(row), 201)
 
     async def list_conversations(request: Request) -> Response:
+        """The newest first; `?limit=` (at most 500) and `?after=<id>` page a longer list."""
         user = await authenticate(request, backend)
-        rows = await backend.accounts.conversations(user, CONVERSATIONS_LISTED_MAX)
+        raw = request.query_params.get("limit", str(CONVERSATIONS_LISTED_MAX))
+        # the length first: int() refuses more than 4,300 digits (a ValueError, then a 500)
+        if (
+            not (raw.isascii() and raw.isdigit() and len(raw) <= 9)
+            or not 1 <= int(raw) <= CONVERSATIONS_LISTED_MAX
+        ):
+            raise InvalidParameter(f"limit must be 1..{CONVERSATIONS_LISTED_MAX}", param="limit")
+        after = request.query_params.get("after")
+        last = None if after is None else await owned(user, after, param="after")
+        rows = await backend.accounts.conversations(user, int(raw), last)
         return json_response([_conversation_json(row) for row in rows])
 
-    async def owned(user: str, conversation_id: Any) -> ConversationRow:
+    async def owned(
+        user: str, conversation_id: Any, param: str = "conversation_id"
+    ) -> ConversationRow:
         if not isinstance(conversation_id, str) or not conversation_id:
-            raise InvalidParameter("conversation_id is required", param="conversation_id")
+            raise InvalidParameter(f"{param} is required", param=param)
         row = await backend.accounts.conversation(user, conversation_id)
         if row is None:
             raise NotFound(f"no conversation {conversation_id!r}")

@@ -143,6 +143,34 @@ async def test_another_users_conversation_is_404_and_never_charged(
     assert read_debits(backend_settings, str(WALLET.pubkey())) == []
 
 
+async def test_conversations_are_listed_in_pages(
+    client: httpx.AsyncClient, backend_settings: Settings
+) -> None:
+    """A user with more conversations than one answer lists could never see the older ones."""
+    owner = await funded(client, backend_settings, WALLET, 0)
+    other = await funded(client, backend_settings, USER_KEYS[1], 0)
+    made = [await new_conversation(client, owner) for _ in range(7)]
+    everything = (await client.get("/conversations", headers=bearer(owner))).json()
+    assert sorted(c["id"] for c in everything) == sorted(made)
+    pages: list[str] = []
+    after = ""
+    for _ in range(len(made)):  # bounded: a server ignoring the page would repeat it
+        response = await client.get(f"/conversations?limit=3{after}", headers=bearer(owner))
+        assert response.status_code == 200, response.text
+        page = [c["id"] for c in response.json()]
+        pages += page
+        if len(page) < 3:
+            break
+        after = f"&after={page[-1]}"
+    assert pages == [c["id"] for c in everything]  # the same order, each once
+    for query, param in (("?limit=0", "limit"), ("?limit=" + "9" * 5000, "limit")):
+        refused = await client.get(f"/conversations{query}", headers=bearer(owner))
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+    # another user's conversation is no place to start from
+    refused = await client.get(f"/conversations?after={made[0]}", headers=bearer(other))
+    assert refused.status_code == 404
+
+
 async def test_history_is_trimmed_to_the_context_window(
     node_env: dict[str, str], demo_url: str, demo_model: DemoModel, tokenizer: Tokenizer
 ) -> None:
