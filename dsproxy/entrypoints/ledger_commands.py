@@ -21,6 +21,7 @@ from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.bootstrap import address, fact_projections, open_ledger, trust_policy
 from dsproxy.config import Settings
 from dsproxy.domain.publication import Replacement
+from dsproxy.entrypoints import arguments
 from dsproxy.errors import BadInput, ConfigError
 from dsproxy.services.importer import import_jsonl
 from dsproxy.services.ingest import fetch_into_store
@@ -54,14 +55,20 @@ def add_commands(subparsers: Any) -> None:
         "--from-relay", metavar="URL", help="first fetch the session's whole history from a relay"
     )
     parser.add_argument(
-        "--since", type=int, default=0, metavar="T", help="with --from-relay: from created_at T"
+        "--since",
+        type=arguments.unix_time,
+        default=0,
+        metavar="T",
+        help="with --from-relay: from created_at T",
     )
     parser.set_defaults(run=run_replay)
 
     parser = subparsers.add_parser("balance", help="a user's balance and the events that moved it")
     parser.add_argument("user", help="the user's Solana public key (base58)")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--limit", type=int, default=1000, help="postings to list at most")
+    parser.add_argument(
+        "--limit", type=arguments.count, default=1000, help="postings to list at most"
+    )
     parser.set_defaults(run=run_balance)
 
 

@@ -197,6 +197,29 @@ def test_reading_commands_never_create_a_ledger_or_overwrite_a_backup(
     assert balance(node_env, ALICE)["balance"] == 750
 
 
+def test_numbers_past_what_the_command_takes_are_usage_errors(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    """Past 2^63 a --limit was an OverflowError from SQLite and a --since a TypeError from the
+    relay filter, both tracebacks."""
+    path, _ = mixed_file(tmp_path, address)
+    dsproxy(node_env, "import", str(path))
+    huge = "99999999999999999999"
+    relay = ["--from-relay", "ws://127.0.0.1:9"]
+    for command in (
+        ["balance", ALICE, "--limit", huge],
+        ["outbox", "--limit", huge],
+        ["controller", "status", "--limit", huge],
+        ["replay", *relay, "--since", huge],
+        ["replay", *relay, "--since", "-1"],
+    ):
+        result = dsproxy(node_env, *command)
+        assert result.returncode == 2, (command, result.stderr)
+        option = command[-2]
+        assert f"error: argument {option}: '{command[-1]}' is not from 0 to" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_configuration_of_the_wrong_type_or_range_is_refused(
     tmp_path: Path, node_env: dict[str, str]
 ) -> None:
