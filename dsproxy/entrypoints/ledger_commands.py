@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -122,23 +123,37 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
         target = Path(args.file)
         if target.resolve() in {path.resolve(), Path(f"{path}-wal").resolve()}:
             raise BadInput(f"{args.file!r} is the event store itself")
+        if target.is_dir():
+            raise BadInput(f"{args.file!r} is a directory: name the file to write")
         if target.exists() and not args.force:
             raise BadInput(f"{args.file!r} exists; --force replaces it")
     store = AsyncEventStore.open(path)
-    written = 0
     try:
-        if args.file == "-":
+        if args.file == "-":  # a full disk there is said by the command line (cli.py)
             written = _write_events(store, sys.stdout.buffer)
         else:
-            target = Path(args.file)
-            partial = target.with_name(target.name + ".partial")
-            with partial.open("wb") as handle:
-                written = _write_events(store, handle)
-            os.replace(partial, target)
+            written = _write_file(store, Path(args.file))
     finally:
         asyncio.run(store.close())
     print(f"exported {written} events", file=sys.stderr)
     return 0
+
+
+def _write_file(store: AsyncEventStore, target: Path) -> int:
+    """Write beside the target, then rename: a failed export leaves no half-written file and
+    the old one as it was."""
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with partial.open("wb") as handle:
+            written = _write_events(store, handle)
+        os.replace(partial, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a missing directory, a full disk
+            raise BadInput(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
+        raise
+    return written
 
 
 def _write_events(store: AsyncEventStore, handle: Any) -> int:

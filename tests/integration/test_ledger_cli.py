@@ -197,6 +197,49 @@ def test_reading_commands_never_create_a_ledger_or_overwrite_a_backup(
     assert balance(node_env, ALICE)["balance"] == 750
 
 
+def test_an_export_that_cannot_be_written_is_a_one_line_error_and_leaves_nothing(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    """They were tracebacks (FileNotFoundError, IsADirectoryError, OSError), and a directory
+    given with --force left DIR.partial behind."""
+    path, _ = mixed_file(tmp_path, address)
+    dsproxy(node_env, "import", str(path))
+    directory = tmp_path / "a-directory"
+    directory.mkdir()
+    for command, expected in (
+        (["export", str(tmp_path / "missing" / "x.jsonl")], "No such file or directory"),
+        (["export", str(directory), "--force"], "is a directory"),
+    ):
+        result = dsproxy(node_env, *command)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("dsproxy: error: ") and expected in result.stderr
+        assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-directory", "data", "mixed.jsonl"]
+    assert list(directory.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_a_one_line_error(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    """`dsproxy export - > /dev/full` (or balance) was an OSError traceback."""
+    path, _ = mixed_file(tmp_path, address)
+    dsproxy(node_env, "import", str(path))
+    for command in (["export", "-"], ["balance", ALICE], ["balance", ALICE, "--json"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [sys.executable, "-m", "dsproxy.entrypoints.cli", *command],
+                env={**os.environ, **node_env},
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
+        assert result.returncode == 2, (command, result.stderr)
+        expected = "dsproxy: error: cannot write standard output: No space left on device\n"
+        assert result.stderr.endswith(expected) and "Traceback" not in result.stderr
+
+
 def test_numbers_past_what_the_command_takes_are_usage_errors(
     tmp_path: Path, node_env: dict[str, str], address: Address
 ) -> None:
