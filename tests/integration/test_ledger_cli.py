@@ -263,6 +263,25 @@ def test_numbers_past_what_the_command_takes_are_usage_errors(
         assert "Traceback" not in result.stderr
 
 
+def test_a_replay_from_a_relay_that_does_not_answer_creates_nothing(
+    tmp_path: Path, node_env: dict[str, str]
+) -> None:
+    """It created events.sqlite first, so that a mistyped data directory then read as an
+    empty ledger (balance 0) instead of 'no event store'."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data_dir in (tmp_path / "typo", empty):
+        env = {**node_env, "DSPROXY_DATA_DIR": str(data_dir)}
+        result = dsproxy(env, "replay", "--from-relay", "ws://127.0.0.1:9")
+        assert result.returncode == 2, result.stderr
+        assert "cannot connect to ws://127.0.0.1:9" in result.stderr
+        result = dsproxy(env, "balance", ALICE)
+        assert result.returncode == 2 and "no event store at" in result.stderr
+    assert not (tmp_path / "typo").exists()
+    assert [path.name for path in empty.iterdir() if path.name != ".lock"] == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty"]  # no scratch left
+
+
 def test_configuration_of_the_wrong_type_or_range_is_refused(
     tmp_path: Path, node_env: dict[str, str]
 ) -> None:
