@@ -138,6 +138,9 @@ def test_bad_configuration_names_the_key_and_value(
     result = dsproxy({**node_env, "DSPROXY_TRUSTED_BACKENDS": "abc"}, "balance", ALICE)
     assert result.returncode == 2
     assert "DSPROXY_TRUSTED_BACKENDS has 'abc': not a 64-char hex public key" in result.stderr
+    result = dsproxy({**node_env, "DSPROXY_RELAYS": "notaurl"}, "balance", ALICE)
+    assert result.returncode == 2
+    assert "DSPROXY_RELAYS has 'notaurl': not a ws:// or wss:// relay URL" in result.stderr
 
 
 def test_balance_of_a_bad_user_key_is_refused(node_env: dict[str, str]) -> None:
