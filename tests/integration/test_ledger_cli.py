@@ -466,3 +466,18 @@ def test_a_busy_port_is_a_one_line_error_before_anything_starts(
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
     assert "DSPROXY_HTTP_PORT" in result.stderr and "Traceback" not in result.stderr
     assert not (data_dir / "events.sqlite").exists()  # refused before anything was opened
+
+
+def test_an_upstream_key_file_that_is_not_text_is_a_one_line_error(
+    tmp_path: Path, node_env: dict[str, str]
+) -> None:
+    """It was a UnicodeDecodeError traceback."""
+    key_file = tmp_path / "binary.key"
+    key_file.write_bytes(b"\xff\xfe")
+    env = backend_env(
+        node_env, "http://127.0.0.1:9/v1", DSPROXY_UPSTREAM_API_KEY_FILE=str(key_file)
+    )
+    result = dsproxy(env, "serve")
+    assert result.returncode == 2, result.stderr
+    expected = f"DSPROXY_UPSTREAM_API_KEY_FILE {str(key_file)!r}: not UTF-8 text, as an API key is"
+    assert result.stderr == f"dsproxy: error: {expected}\n"
