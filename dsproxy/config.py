@@ -11,6 +11,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from attrs import frozen
@@ -59,6 +60,20 @@ def _text_list(raw: Any, key: str) -> tuple[str, ...]:
     items = raw if isinstance(raw, list) else _string(raw, key).split(",")
     stripped = (_string(item, key).strip() for item in items)
     return tuple(item for item in stripped if item)
+
+
+def _relay_urls(raw: Any, key: str) -> tuple[str, ...]:
+    """ws:// or wss:// URLs with a host: a node given anything else retried it forever."""
+    urls = _text_list(raw, key)
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ConfigError(f"{key} has {url!r}: not a ws:// or wss:// relay URL")
+    return urls
 
 
 def _int_at_least(low: int) -> Callable[[Any, str], int]:
@@ -153,7 +168,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "trusted_controllers": (_hex_keys, ""),
     "trusted_backends": (_hex_keys, ""),
     "admin_pubkey": (_optional_hex_key, ""),
-    "relays": (_text_list, ""),
+    "relays": (_relay_urls, ""),
     "nostr_key_file": (_optional_path, ""),
     "solana_rpc_url": (_text, "http://127.0.0.1:8899"),
     "solana_commitment": (_commitment, "confirmed"),

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -26,6 +27,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from dsproxy.adapters.balance_payment import BalancePayment
+from dsproxy.adapters.data_dir_lock import make_data_dir
 from dsproxy.adapters.listening import bind_port
 from dsproxy.adapters.node_keys import create_key_file, load_secret
 from dsproxy.adapters.projection_db import ProjectionDb
@@ -48,6 +50,7 @@ __all__ = [
     "DemoOptions",
     "Stack",
     "bind_api_port",
+    "discard_layout",
     "open_stack",
     "prepare_layout",
     "watch",
@@ -76,6 +79,7 @@ class DemoLayout:
     """Where the demo keeps its files: two data directories and the keys, under one root."""
 
     root: Path
+    created: bool = False  # the demo made `root`: a failed start removes it
 
     @property
     def controller_dir(self) -> Path:
@@ -126,18 +130,30 @@ class Stack:
 # --- files and ports ------------------------------------------------------------------------
 
 
-def prepare_layout(root: Path) -> DemoLayout:
-    """A fresh demo directory; an earlier demo's cannot be reused (its chain was in memory)."""
+def prepare_layout(root: Path, *, created: bool = False) -> DemoLayout:
+    """A fresh demo directory; an earlier demo's cannot be reused (its chain was in memory).
+    `created`: the caller made `root` for the demo (a temporary directory)."""
     root = root.expanduser().resolve()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ConfigError(
             f"--data-dir {str(root)!r} is not an empty directory: the demo's chain and relay "
             "live in memory and start empty, so give it a new directory"
         )
-    layout = DemoLayout(root)
-    for directory in (layout.controller_dir, layout.backend_dir):
-        directory.mkdir(parents=True, exist_ok=True)
+    layout = DemoLayout(root, created=created or not root.exists())
+    for directory in (layout.root, layout.controller_dir, layout.backend_dir):
+        make_data_dir(directory)  # 0700, as every data directory: conversations, keys
     return layout
+
+
+def discard_layout(layout: DemoLayout) -> None:
+    """Remove what the demo wrote, so that a start that failed can be tried again in the same
+    directory (it was empty, or the demo made it)."""
+    for directory in (layout.controller_dir, layout.backend_dir):
+        shutil.rmtree(directory, ignore_errors=True)
+    layout.wallet.unlink(missing_ok=True)
+    if layout.created:
+        with contextlib.suppress(OSError):  # something else was put there meanwhile: kept
+            layout.root.rmdir()
 
 
 def write_keypair(path: Path, keypair: Keypair) -> Path:
@@ -245,9 +261,10 @@ def spawn(
             task.cancel()
         else:
             stop()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT_S)
-        except TimeoutError:
+        # asyncio.wait, not wait_for(shield(task)): that raised the CancelledError of a task
+        # we had cancelled, in place of the error that made the demo stop
+        done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
+        if not done:
             log.error("%s did not stop within %.0f s: cancelling it", name, STOP_TIMEOUT_S)
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

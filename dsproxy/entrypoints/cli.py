@@ -7,6 +7,7 @@ Each command module exposes `add_commands(subparsers)`; every subcommand sets `r
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import select
@@ -28,6 +29,8 @@ from dsproxy.entrypoints import (
 from dsproxy.errors import DsproxyError
 
 __all__ = ["main"]
+
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 _COMMAND_MODULES = (
     ledger_commands,
@@ -68,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = load_settings({})
         else:
             settings = load_settings(config_file=args.config, data_dir=args.data_dir)
-        return int(args.run(args, settings))
+        code = int(args.run(args, settings))
+        sys.stdout.flush()  # a full disk is found here and said below, not at exit
+        return code
     except DsproxyError as exc:
         print(f"dsproxy: error: {exc}", file=sys.stderr)
         return 2
@@ -77,10 +82,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         if not _reader_gone():
             raise  # another pipe or a socket broke: an error worth its traceback
-        # the reader went away (`dsproxy export - | head`): stop as a Unix filter does; stdout
-        # goes to /dev/null so that flushing it at exit does not fail once more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # the reader went away (`dsproxy export - | head`): stop as a Unix filter does
+        _discard_stdout()
         return 128 + signal.SIGPIPE
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS or exc.filename is not None:
+            raise
+        # `dsproxy balance ... > /dev/full`: what we print cannot be written (a command that
+        # writes a file names that file in an error of our own)
+        print(f"dsproxy: error: cannot write standard output: {exc.strerror}", file=sys.stderr)
+        _discard_stdout()
+        return 2
+
+
+def _discard_stdout() -> None:
+    """Send what is left of standard output to /dev/null, so that flushing it at exit does
+    not fail once more."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _reader_gone() -> bool:

@@ -19,6 +19,7 @@ from dsproxy.adapters.solana_keys import load_keypair
 from dsproxy.adapters.solana_rpc import BalancePaymentRpc
 from dsproxy.bootstrap import open_ledger, program_from_settings
 from dsproxy.config import Settings
+from dsproxy.entrypoints import arguments
 from dsproxy.entrypoints.event_loop import run_service
 from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.errors import ConfigError
@@ -37,7 +38,9 @@ def add_commands(subparsers: Any) -> None:
         "controller", help="pay recharge Requests on Solana and publish the credits"
     )
     parser.add_argument("action", nargs="?", choices=["run", "status"], default="run")
-    parser.add_argument("--limit", type=int, default=20, help="status: payments to list")
+    parser.add_argument(
+        "--limit", type=arguments.count, default=20, help="status: payments to list"
+    )
     parser.add_argument("--json", action="store_true", help="status: print JSON")
     parser.set_defaults(run=run_controller)
 

@@ -23,11 +23,13 @@ from dsproxy.demo.stack import (
     DemoLayout,
     DemoOptions,
     bind_api_port,
+    discard_layout,
     open_stack,
     prepare_layout,
     watch,
 )
 from dsproxy.demo.walkthrough import Progress, describe, instructions, run_walkthrough
+from dsproxy.entrypoints.http_api import read_api_key_file
 from dsproxy.errors import BadInput
 
 __all__ = ["add_commands"]
@@ -69,6 +71,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise BadInput(f"--upstream {args.upstream!r} is not an http(s) URL")
     if args.upstream_api_key_file is not None and args.upstream is None:
         raise BadInput("--upstream-api-key-file needs --upstream (the demo model takes no key)")
+    if args.upstream_api_key_file is not None:
+        read_api_key_file(args.upstream_api_key_file, "--upstream-api-key-file")
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -76,9 +80,14 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     check_flags(args)
     sock = bind_api_port(args.port)  # first: a busy port fails before any file is written
     try:
-        root = getattr(args, "data_dir", None) or Path(tempfile.mkdtemp(prefix="dsproxy-demo-"))
+        root = getattr(args, "data_dir", None)
+        layout = (
+            prepare_layout(root)
+            if root is not None
+            else prepare_layout(Path(tempfile.mkdtemp(prefix="dsproxy-demo-")), created=True)
+        )
         options = DemoOptions(args.upstream, args.upstream_api_key_file, args.model)
-        return asyncio.run(_serve(options, prepare_layout(root), sock))
+        return asyncio.run(_serve(options, layout, sock))
     finally:
         sock.close()
 
@@ -97,6 +106,7 @@ async def _serve(options: DemoOptions, layout: DemoLayout, sock: socket.socket) 
     for signum in _SIGNALS:
         loop.add_signal_handler(signum, interrupt)
     print("dsproxy demo: starting the relay, the chain, a controller and a backend", flush=True)
+    started = False
     try:
         async with contextlib.AsyncExitStack() as exits:
             stack = await open_stack(options, layout, sock, exits)
@@ -104,12 +114,17 @@ async def _serve(options: DemoOptions, layout: DemoLayout, sock: socket.socket) 
             describe(stack, progress)
             account = await run_walkthrough(stack, progress)
             print(instructions(stack, account), flush=True)
+            started = True
             await watch(stack)
     except asyncio.CancelledError:
         if not interrupted:
             raise
-        print(f"dsproxy demo: stopped; its files stay in {layout.root}", flush=True)
+        if started:
+            print(f"dsproxy demo: stopped; its files stay in {layout.root}", flush=True)
         return 0
     finally:
         for signum in _SIGNALS:
             loop.remove_signal_handler(signum)
+        if not started:  # a half-made demo directory would refuse the next try
+            discard_layout(layout)
+            print("dsproxy demo: stopped before it was ready; its files are removed", flush=True)

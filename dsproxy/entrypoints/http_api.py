@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -63,6 +64,7 @@ __all__ = [
     "json_response",
     "now_s",
     "open_backend",
+    "read_api_key_file",
     "read_json",
     "run_admitted",
 ]
@@ -248,12 +250,17 @@ def upstream_api_key(settings: Settings) -> str:
         raise ConfigError("set DSPROXY_UPSTREAM_API_KEY or DSPROXY_UPSTREAM_API_KEY_FILE, not both")
     if settings.upstream_api_key_file is None:
         return settings.upstream_api_key
+    return read_api_key_file(settings.upstream_api_key_file, "DSPROXY_UPSTREAM_API_KEY_FILE")
+
+
+def read_api_key_file(path: Path, key: str) -> str:
+    """The API key in `path`; `key` names the setting or option that gave the path."""
     try:
-        return settings.upstream_api_key_file.read_text().strip()
+        return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(
-            f"DSPROXY_UPSTREAM_API_KEY_FILE {str(settings.upstream_api_key_file)!r}: {exc.strerror}"
-        ) from None
+        raise ConfigError(f"{key} {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:  # a binary file, or a key saved in another encoding
+        raise ConfigError(f"{key} {str(path)!r}: not UTF-8 text, as an API key is") from None
 
 
 async def open_backend(settings: Settings) -> Backend:

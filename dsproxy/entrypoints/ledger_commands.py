@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +24,7 @@ from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.bootstrap import address, fact_projections, open_ledger, trust_policy
 from dsproxy.config import Settings
 from dsproxy.domain.publication import Replacement
+from dsproxy.entrypoints import arguments
 from dsproxy.errors import BadInput, ConfigError
 from dsproxy.services.importer import import_jsonl
 from dsproxy.services.ingest import fetch_into_store
@@ -54,14 +58,20 @@ def add_commands(subparsers: Any) -> None:
         "--from-relay", metavar="URL", help="first fetch the session's whole history from a relay"
     )
     parser.add_argument(
-        "--since", type=int, default=0, metavar="T", help="with --from-relay: from created_at T"
+        "--since",
+        type=arguments.unix_time,
+        default=0,
+        metavar="T",
+        help="with --from-relay: from created_at T",
     )
     parser.set_defaults(run=run_replay)
 
     parser = subparsers.add_parser("balance", help="a user's balance and the events that moved it")
     parser.add_argument("user", help="the user's Solana public key (base58)")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--limit", type=int, default=1000, help="postings to list at most")
+    parser.add_argument(
+        "--limit", type=arguments.count, default=1000, help="postings to list at most"
+    )
     parser.set_defaults(run=run_balance)
 
 
@@ -115,23 +125,37 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
         target = Path(args.file)
         if target.resolve() in {path.resolve(), Path(f"{path}-wal").resolve()}:
             raise BadInput(f"{args.file!r} is the event store itself")
+        if target.is_dir():
+            raise BadInput(f"{args.file!r} is a directory: name the file to write")
         if target.exists() and not args.force:
             raise BadInput(f"{args.file!r} exists; --force replaces it")
     store = AsyncEventStore.open(path)
-    written = 0
     try:
-        if args.file == "-":
+        if args.file == "-":  # a full disk there is said by the command line (cli.py)
             written = _write_events(store, sys.stdout.buffer)
         else:
-            target = Path(args.file)
-            partial = target.with_name(target.name + ".partial")
-            with partial.open("wb") as handle:
-                written = _write_events(store, handle)
-            os.replace(partial, target)
+            written = _write_file(store, Path(args.file))
     finally:
         asyncio.run(store.close())
     print(f"exported {written} events", file=sys.stderr)
     return 0
+
+
+def _write_file(store: AsyncEventStore, target: Path) -> int:
+    """Write beside the target, then rename: a failed export leaves no half-written file and
+    the old one as it was."""
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with partial.open("wb") as handle:
+            written = _write_events(store, handle)
+        os.replace(partial, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a missing directory, a full disk
+            raise BadInput(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
+        raise
+    return written
 
 
 def _write_events(store: AsyncEventStore, handle: Any) -> int:
@@ -153,41 +177,82 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
     # generation far less often (faster), but do collect (asyncio leaves cycles behind).
     thresholds = gc.get_threshold()
     gc.set_threshold(REPLAY_GC_THRESHOLD, *thresholds[1:])
-    try:  # the projection is swapped: not under a running service
+    try:
+        if args.from_relay is not None and not settings.events_path.exists():
+            return _replay_into_new_store(settings, args.from_relay, args.since)
         with exclusive_data_dir(settings.data_dir, "dsproxy replay", create=False):
-            return asyncio.run(_replay(settings, args.from_relay, args.since))
+            existing_store(settings)  # the projection is swapped: not under a running service
+            if args.from_relay is not None:
+                asyncio.run(_fetch(settings, settings.events_path, args.from_relay, args.since))
+            return asyncio.run(_replay(settings))
     finally:
         gc.set_threshold(*thresholds)
 
 
-async def _replay(settings: Settings, from_relay: str | None = None, since: int = 0) -> int:
+def _replay_into_new_store(settings: Settings, url: str, since: int) -> int:
+    """Fetch into a scratch store and move it in once the relay's history is all there: a
+    relay that does not answer leaves no empty ledger behind (a mistyped data directory then
+    read as balance 0), and no data directory it had to create."""
+    data_dir = settings.data_dir
+    with contextlib.ExitStack() as held:
+        locked = data_dir.is_dir()
+        if locked:  # the lock from the start: a service must not start on it meanwhile
+            held.enter_context(exclusive_data_dir(data_dir, "dsproxy replay"))
+        with tempfile.TemporaryDirectory(prefix=".replay-", dir=_existing_parent(data_dir)) as tmp:
+            scratch = Path(tmp) / settings.events_path.name
+            asyncio.run(_fetch(settings, scratch, url, since))
+            if not locked:
+                held.enter_context(exclusive_data_dir(data_dir, "dsproxy replay"))
+            if settings.events_path.exists():
+                raise ConfigError(f"{str(settings.events_path)!r} appeared while fetching")
+            for name in [scratch.name, *(scratch.name + s for s in ("-wal", "-shm"))]:
+                if (Path(tmp) / name).exists():
+                    shutil.move(Path(tmp) / name, data_dir / name)
+        return asyncio.run(_replay(settings))
+
+
+def _existing_parent(path: Path) -> Path:
+    """The directory itself if it exists, else its nearest existing ancestor (where creating
+    it must be allowed anyway)."""
+    path = path.absolute()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+async def _fetch(settings: Settings, store_path: Path, url: str, since: int) -> None:
+    """Page the session's history from the relay at `url` into the store at `store_path`."""
     policy = trust_policy(settings)
-    if from_relay is None:  # a fetch from a relay may start a ledger; a rebuild reads one
-        existing_store(settings)
+    store = AsyncEventStore.open(store_path)
+    try:
+        with _progress_bar(None, "events", "fetch") as bar:
+            fetched = await fetch_into_store(
+                url,
+                store,
+                address(settings),
+                since=since,
+                limits=ingest_limits(settings),
+                progress=bar.update,
+                trusted=(*policy.controllers, *policy.backends),
+            )
+    finally:
+        await store.close()
+    print(
+        f"fetched {fetched.received} events from {url}: {fetched.appended} new, "
+        f"{fetched.duplicates} duplicate, refused {dict(fetched.refused)}"
+    )
+
+
+async def _replay(settings: Settings) -> int:
     store = AsyncEventStore.open(settings.events_path)
     try:
-        if from_relay is not None:
-            with _progress_bar(None, "events", "fetch") as bar:
-                fetched = await fetch_into_store(
-                    from_relay,
-                    store,
-                    address(settings),
-                    since=since,
-                    limits=ingest_limits(settings),
-                    progress=bar.update,
-                    trusted=(*policy.controllers, *policy.backends),
-                )
-            print(
-                f"fetched {fetched.received} events from {from_relay}: {fetched.appended} new, "
-                f"{fetched.duplicates} duplicate, refused {dict(fetched.refused)}"
-            )
         total = await store.max_position()
         started = time.perf_counter()
         with _progress_bar(total, "events", "replay") as bar:
             result = await rebuild(
                 store,
                 settings.projection_path,
-                policy,
+                trust_policy(settings),
                 progress=bar.update,
                 content_bytes_max=settings.content_bytes_max,
                 extensions=fact_projections(settings),

@@ -16,9 +16,11 @@ from typing import Any
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
+from dsproxy.adapters.listening import bind_port
 from dsproxy.adapters.solana_keys import load_keypair
 from dsproxy.bootstrap import program_from_settings
 from dsproxy.config import Settings
+from dsproxy.entrypoints import arguments
 from dsproxy.entrypoints.wallet_commands import LAMPORTS_PER_SOL
 from dsproxy.errors import BadInput, ConfigError
 from dsproxy.localchain import LocalChain, LocalChainServer
@@ -26,6 +28,7 @@ from dsproxy.localchain import LocalChain, LocalChainServer
 __all__ = ["add_commands"]
 
 AIRDROP_LAMPORTS = 10 * LAMPORTS_PER_SOL
+SLOT_MS = arguments.int_between(0, 86_400_000)  # a slot a day at most; a negative one spun
 
 
 def add_commands(subparsers: Any) -> None:
@@ -33,8 +36,10 @@ def add_commands(subparsers: Any) -> None:
         "localchain", help="a local Solana JSON-RPC stand-in with the balance-payment program"
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (keep it local)")
-    parser.add_argument("--port", type=int, default=8899)
-    parser.add_argument("--slot-ms", type=int, default=400, help="a new slot every N ms (0: off)")
+    parser.add_argument("--port", type=arguments.port, default=8899, help="0: any free port")
+    parser.add_argument(
+        "--slot-ms", type=SLOT_MS, default=400, help="a new slot every N ms (0: off)"
+    )
     parser.add_argument("--bot", help="bot public key (default: DSPROXY_BOT_KEYPAIR_FILE's)")
     parser.add_argument("--treasury", help="treasury public key (default: a new one)")
     parser.add_argument("--authority", help="authority public key (default: a new one)")
@@ -79,10 +84,9 @@ def run_localchain(args: argparse.Namespace, settings: Settings) -> int:
     funded += [load_keypair(path).pubkey() for path in args.keypair]
     for key in funded:
         chain.airdrop(key, AIRDROP_LAMPORTS)
-    server = LocalChainServer(
-        chain, host=args.host, port=args.port, slot_interval_s=(args.slot_ms or 0) / 1000 or None
-    )
-    server.bind()
+    sock = bind_port(args.host, args.port, hint="pick another with --port (0 = any free port)")
+    server = LocalChainServer(chain, host=args.host, slot_interval_s=args.slot_ms / 1000 or None)
+    server.bind(sock)
     print(
         json.dumps(
             {

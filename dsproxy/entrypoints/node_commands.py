@@ -13,6 +13,7 @@ from typing import Any
 from dsproxy.adapters.data_dir_lock import exclusive_data_dir
 from dsproxy.adapters.node_keys import create_key_file
 from dsproxy.config import Settings
+from dsproxy.entrypoints import arguments
 from dsproxy.entrypoints.event_loop import run_service
 from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.errors import ConfigError
@@ -34,7 +35,7 @@ def add_commands(subparsers: Any) -> None:
 
     parser = subparsers.add_parser("outbox", help="list our events no relay has acknowledged")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
-    parser.add_argument("--limit", type=int, default=1000, help="rows to list at most")
+    parser.add_argument("--limit", type=arguments.count, default=1000, help="rows to list at most")
     parser.set_defaults(run=run_outbox)
 
 

@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ def _lamports(text: str, in_lamports: bool) -> int:
         value = Decimal(text) * (1 if in_lamports else LAMPORTS_PER_SOL)
     except InvalidOperation:
         raise BadInput(f"amount {text!r} is not a number") from None
+    except DecimalException:  # Overflow: an exponent past what Decimal holds, let alone u64
+        raise BadInput(f"amount {text!r} is more lamports than Solana counts (2^64-1)") from None
     if not value.is_finite() or value != value.to_integral_value() or value <= 0:
         raise BadInput(f"amount {text!r} must be a positive whole number of lamports")
     if value > U64_MAX:

@@ -282,15 +282,17 @@ class LocalChainServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def bind(self) -> socket.socket:
-        """Bind the listening socket now (so that `url` names the real port)."""
+    def bind(self, sock: socket.socket | None = None) -> socket.socket:
+        """Bind the listening socket now (so that `url` names the real port), or take `sock`,
+        bound already (the command binds it itself, to say clearly why a port cannot be had)."""
         if self._socket is not None:
             return self._socket
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
         # Answers go out as two writes (head, body): without NODELAY each waits a delayed ACK.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         self._socket = sock
         return sock

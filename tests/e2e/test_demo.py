@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -19,6 +21,10 @@ import httpx
 import pytest
 from attrs import frozen
 from openai import OpenAI
+
+from dsproxy.demo.stack import DemoOptions, bind_api_port, prepare_layout
+from dsproxy.entrypoints.demo_commands import _serve
+from dsproxy.errors import ConfigError
 
 pytestmark = pytest.mark.e2e
 
@@ -96,6 +102,16 @@ def running_demo(tmp_path: Path) -> Iterator[Demo]:
         process.stdout.close()
 
 
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    """`dsproxy demo` that is expected to refuse to start."""
+    return subprocess.run(
+        [sys.executable, "-m", "dsproxy.entrypoints.cli", "demo", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=START_S_MAX,
+    )
+
+
 def _wait_for_balance(demo: Demo, expected: int) -> dict[str, Any]:
     """The debit is appended just after the response: poll, with a bounded wait."""
     deadline = time.monotonic() + DEBIT_WAIT_S_MAX
@@ -112,6 +128,9 @@ def test_demo_recharges_serves_the_openai_sdk_charges_usage_and_stops_on_sigint(
     """One command: the SDK chats (plain and streamed), each charged exactly its usage."""
     with running_demo(tmp_path) as demo:
         assert any("DEMO MODEL" in line for line in demo.output)
+        root = tmp_path / "demo"  # conversations and keys: the owner's only
+        for directory in (root, root / "controller", root / "backend"):
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
         before = demo.balance()
         assert before["balance"] > 0 and before["held"] == 0
 
@@ -139,3 +158,45 @@ def test_demo_recharges_serves_the_openai_sdk_charges_usage_and_stops_on_sigint(
 
         demo.process.send_signal(signal.SIGINT)
         assert demo.process.wait(STOP_S_MAX) == 0
+
+
+def test_a_key_file_the_demo_cannot_read_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """A missing key file was a CancelledError traceback (exit 1) after the controller had
+    started, and the files it left made the same --data-dir refused as not empty."""
+    binary = tmp_path / "binary.key"
+    binary.write_bytes(b"\xff\xfe")
+    for key_file, expected in (
+        (tmp_path / "missing.key", "No such file or directory"),
+        (binary, "not UTF-8 text"),
+    ):
+        result = _demo(
+            "--data-dir", str(tmp_path / "demo"), "--upstream", "http://127.0.0.1:9/v1",
+            "--upstream-api-key-file", str(key_file),
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == f"dsproxy: error: --upstream-api-key-file {str(key_file)!r}: " + (
+            f"{expected}, as an API key is\n" if key_file == binary else f"{expected}\n"
+        )
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("made_by_the_demo", [True, False])
+def test_a_start_that_fails_says_why_and_leaves_the_directory_as_it_found_it(
+    tmp_path: Path, made_by_the_demo: bool
+) -> None:
+    """Stopping the started parts re-raised the CancelledError of a task the demo had itself
+    cancelled, in place of the error; the files a failed start wrote blocked the next one."""
+    root = tmp_path / "demo"
+    if not made_by_the_demo:
+        root.mkdir()
+    binary = tmp_path / "binary.key"  # read by the backend, which starts after the controller
+    binary.write_bytes(b"\xff\xfe")
+    options = DemoOptions("http://127.0.0.1:9/v1", binary)
+    with bind_api_port(0) as sock, pytest.raises(ConfigError, match="not UTF-8 text"):
+        asyncio.run(_serve(options, prepare_layout(root), sock))
+    assert root.exists() != made_by_the_demo
+    if root.exists():
+        assert list(root.iterdir()) == []
+    prepare_layout(root)  # a new try is not refused

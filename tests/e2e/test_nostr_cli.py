@@ -66,6 +66,9 @@ def test_replay_from_relay_pages_the_whole_history(
     assert done.returncode == 0, done.stderr
     assert "700 new" in done.stdout
     assert [balance_of(env, user) for user in USERS] == totals(events)
+    data_dir = Path(env["DSPROXY_DATA_DIR"])  # fetched into a scratch store, then moved in
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert not [path for path in data_dir.parent.iterdir() if path.name.startswith(".replay")]
     again = dsproxy(env, "replay", "--from-relay", relay_process.url)
     assert "0 new, 700 duplicate" in again.stdout
     assert [balance_of(env, user) for user in USERS] == totals(events)

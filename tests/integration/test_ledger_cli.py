@@ -139,6 +139,9 @@ def test_bad_configuration_names_the_key_and_value(
     result = dsproxy({**node_env, "DSPROXY_TRUSTED_BACKENDS": "abc"}, "balance", ALICE)
     assert result.returncode == 2
     assert "DSPROXY_TRUSTED_BACKENDS has 'abc': not a 64-char hex public key" in result.stderr
+    result = dsproxy({**node_env, "DSPROXY_RELAYS": "notaurl"}, "balance", ALICE)
+    assert result.returncode == 2
+    assert "DSPROXY_RELAYS has 'notaurl': not a ws:// or wss:// relay URL" in result.stderr
 
 
 def test_balance_of_a_bad_user_key_is_refused(node_env: dict[str, str]) -> None:
@@ -196,6 +199,91 @@ def test_reading_commands_never_create_a_ledger_or_overwrite_a_backup(
     assert backup.read_text() == kept
     assert dsproxy(node_env, "export", str(backup), "--force").returncode == 0
     assert balance(node_env, ALICE)["balance"] == 750
+
+
+def test_an_export_that_cannot_be_written_is_a_one_line_error_and_leaves_nothing(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    """They were tracebacks (FileNotFoundError, IsADirectoryError, OSError), and a directory
+    given with --force left DIR.partial behind."""
+    path, _ = mixed_file(tmp_path, address)
+    dsproxy(node_env, "import", str(path))
+    directory = tmp_path / "a-directory"
+    directory.mkdir()
+    for command, expected in (
+        (["export", str(tmp_path / "missing" / "x.jsonl")], "No such file or directory"),
+        (["export", str(directory), "--force"], "is a directory"),
+    ):
+        result = dsproxy(node_env, *command)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("dsproxy: error: ") and expected in result.stderr
+        assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-directory", "data", "mixed.jsonl"]
+    assert list(directory.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_a_one_line_error(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    """`dsproxy export - > /dev/full` (or balance) was an OSError traceback."""
+    path, _ = mixed_file(tmp_path, address)
+    dsproxy(node_env, "import", str(path))
+    for command in (["export", "-"], ["balance", ALICE], ["balance", ALICE, "--json"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [sys.executable, "-m", "dsproxy.entrypoints.cli", *command],
+                env={**os.environ, **node_env},
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
+        assert result.returncode == 2, (command, result.stderr)
+        expected = "dsproxy: error: cannot write standard output: No space left on device\n"
+        assert result.stderr.endswith(expected) and "Traceback" not in result.stderr
+
+
+def test_numbers_past_what_the_command_takes_are_usage_errors(
+    tmp_path: Path, node_env: dict[str, str], address: Address
+) -> None:
+    """Past 2^63 a --limit was an OverflowError from SQLite and a --since a TypeError from the
+    relay filter, both tracebacks."""
+    path, _ = mixed_file(tmp_path, address)
+    dsproxy(node_env, "import", str(path))
+    huge = "99999999999999999999"
+    relay = ["--from-relay", "ws://127.0.0.1:9"]
+    for command in (
+        ["balance", ALICE, "--limit", huge],
+        ["outbox", "--limit", huge],
+        ["controller", "status", "--limit", huge],
+        ["replay", *relay, "--since", huge],
+        ["replay", *relay, "--since", "-1"],
+    ):
+        result = dsproxy(node_env, *command)
+        assert result.returncode == 2, (command, result.stderr)
+        option = command[-2]
+        assert f"error: argument {option}: '{command[-1]}' is not from 0 to" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_replay_from_a_relay_that_does_not_answer_creates_nothing(
+    tmp_path: Path, node_env: dict[str, str]
+) -> None:
+    """It created events.sqlite first, so that a mistyped data directory then read as an
+    empty ledger (balance 0) instead of 'no event store'."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data_dir in (tmp_path / "typo", empty):
+        env = {**node_env, "DSPROXY_DATA_DIR": str(data_dir)}
+        result = dsproxy(env, "replay", "--from-relay", "ws://127.0.0.1:9")
+        assert result.returncode == 2, result.stderr
+        assert "cannot connect to ws://127.0.0.1:9" in result.stderr
+        result = dsproxy(env, "balance", ALICE)
+        assert result.returncode == 2 and "no event store at" in result.stderr
+    assert not (tmp_path / "typo").exists()
+    assert [path.name for path in empty.iterdir() if path.name != ".lock"] == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty"]  # no scratch left
 
 
 def test_configuration_of_the_wrong_type_or_range_is_refused(
@@ -391,3 +479,18 @@ def test_a_busy_port_is_a_one_line_error_before_anything_starts(
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
     assert "DSPROXY_HTTP_PORT" in result.stderr and "Traceback" not in result.stderr
     assert not (data_dir / "events.sqlite").exists()  # refused before anything was opened
+
+
+def test_an_upstream_key_file_that_is_not_text_is_a_one_line_error(
+    tmp_path: Path, node_env: dict[str, str]
+) -> None:
+    """It was a UnicodeDecodeError traceback."""
+    key_file = tmp_path / "binary.key"
+    key_file.write_bytes(b"\xff\xfe")
+    env = backend_env(
+        node_env, "http://127.0.0.1:9/v1", DSPROXY_UPSTREAM_API_KEY_FILE=str(key_file)
+    )
+    result = dsproxy(env, "serve")
+    assert result.returncode == 2, result.stderr
+    expected = f"DSPROXY_UPSTREAM_API_KEY_FILE {str(key_file)!r}: not UTF-8 text, as an API key is"
+    assert result.stderr == f"dsproxy: error: {expected}\n"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from tests.integration.relay_fixtures import fetch_ids, free_port, local_relay
 __all__ = ["local_relay"]  # a fixture: used by name
 
 MACHINE = "ab" * 32
+BOT = str(Keypair().pubkey())
 
 
 def _keypair_file(directory: Path, keypair: Keypair, name: str = "user.json") -> Path:
@@ -190,3 +194,43 @@ def test_a_bad_keypair_file_is_a_clear_error(
     code, _, err = _run(capsys, "wallet", "status", "--keypair", str(path))
     assert code == 2
     assert "64 bytes" in err
+
+
+def test_an_amount_past_any_number_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], user_file: Path
+) -> None:
+    """1e999999999 SOL was a decimal.Overflow traceback."""
+    for amount in ("1e999999999", "18446744073709551616"):
+        code, _, err = _run(
+            capsys, "wallet", "deposit", amount, "--lamports", "--keypair", str(user_file)
+        )
+        assert code == 2, err
+        assert "is more lamports than Solana counts" in err
+
+
+def _localchain(*args: str) -> subprocess.CompletedProcess[str]:
+    """`dsproxy localchain` that is expected to refuse to start (a started one serves on)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dsproxy.entrypoints.cli", "localchain", "--bot", BOT, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_localchain_options_it_cannot_use_are_one_line_errors() -> None:
+    """A busy port, --port 99999 and an address not of this machine were tracebacks, and a
+    negative --slot-ms spun a CPU."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, expected in (
+            (["--port", port], f"port {port} on 127.0.0.1 is already in use"),
+            (["--port", "99999"], "argument --port: '99999' is not from 0 to 65535"),
+            (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:8899"),
+            (["--slot-ms", "-5"], "argument --slot-ms: '-5' is not from 0 to"),
+        ):
+            result = _localchain(*args)
+            assert result.returncode == 2, (args, result.stderr)
+            assert expected in result.stderr and "Traceback" not in result.stderr
