@@ -154,7 +154,12 @@ def recharge_request(
         to_status=DeviceStatus.WORKING,
         reason=Reason.USER_REQUEST,
         initial_request=ZERO_EVENT_ID,
-        payload=RequestPayload(info.to_json(), nonce=nonce, user=user, namespace_id=namespace_id),
+        payload=RequestPayload(
+            info.to_json(v2=namespace_id is not None),
+            nonce=nonce,
+            user=user,
+            namespace_id=namespace_id,
+        ),
     )
 
 

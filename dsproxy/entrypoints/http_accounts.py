@@ -10,6 +10,7 @@ POST /user/challenge, POST /user/login, GET /user     (the dApp's names)
 
 from __future__ import annotations
 
+import datetime
 import secrets
 from typing import Any
 
@@ -70,6 +71,8 @@ def routes(backend: Backend) -> list[Route]:
         )
 
     async def login(request: Request) -> Response:
+        """`expire_at` in seconds; on the dApp's route an RFC 3339 time, as the Go backend
+        wrote it (the dApp reads a number as milliseconds: a login expired in 1970)."""
         body = await read_json(request, 16_384)
         user = _user_field(body)
         message = _text_field(body, "message")
@@ -85,6 +88,9 @@ def routes(backend: Backend) -> list[Route]:
         token = new_secret(SESSION_PREFIX)
         expire_at = now + settings.session_ttl_s
         await backend.accounts.add_session(hash_secret(token), user, expire_at, now)
+        if request.url.path.startswith("/user/"):
+            shown = datetime.datetime.fromtimestamp(expire_at, datetime.UTC).isoformat()
+            return json_response({"user": user, "token": token, "expire_at": shown})
         return json_response({"user": user, "token": token, "expire_at": expire_at})
 
     async def logout(request: Request) -> Response:

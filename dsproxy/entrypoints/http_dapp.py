@@ -1,8 +1,9 @@
 """The existing dApp's chat routes, metered like the rest: conversations and their messages.
 
     POST|GET /conversations
-    POST /messages {conversation_id, content, model?} -> SSE `event: message` /
-         `data: {"content": delta}` ... then `event: done` / `data: <message json>`
+    POST /messages {conversation_id, content, model?} -> SSE `event:message` /
+         `data:{"content": delta}` ... then `event:done` / `data:<message json>`, written as
+         gin writes them (no space after the colon): the dApp matches `event:message`
     GET /messages?conversation_id=...
 
 A conversation is its owner's only: another user's id is a 404, checked before anything is
@@ -83,7 +84,7 @@ class DappStreamRender:
         if not text:
             return None
         self.parts.append(text)
-        return b"event: message\ndata: " + orjson.dumps({"content": text}) + b"\n\n"
+        return b"event:message\ndata:" + orjson.dumps({"content": text}) + b"\n\n"
 
     async def _store(self, charge: Charge) -> MessageRow:
         """Store the answer once: a disconnect during `end` lets the write finish, and the
@@ -104,9 +105,9 @@ class DappStreamRender:
         row = await self._store(charge)
         if error is not None:
             _, body = error_body(error, charge.tokens_charged)
-            return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+            return b"event:error\ndata:" + orjson.dumps(body) + b"\n\n"
         message = {**_message_json(row), "balance": charge.balance}
-        return b"event: done\ndata: " + orjson.dumps(message) + b"\n\n"
+        return b"event:done\ndata:" + orjson.dumps(message) + b"\n\n"
 
     async def aborted(self, charge: Charge) -> None:
         if self.parts:

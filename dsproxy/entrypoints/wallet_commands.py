@@ -219,7 +219,7 @@ def _authorize(args: argparse.Namespace, settings: Settings) -> int:
             "the program refuses this authorization",
             file=sys.stderr,
         )
-    print(info.to_json())
+    print(info.to_json(v2=settings.program_version == 2))
     return 0
 
 

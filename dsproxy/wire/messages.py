@@ -205,20 +205,22 @@ class RecoverInfo:
 
     @classmethod
     def parse(cls, text: Any) -> RecoverInfo:
-        obj = _fields(
-            _loads(text, "recover_info"), "recover_info", ("signature", "payload", "deadline")
-        )
+        """balance-payment v2 calls the payload `extra_data` (its dApp and SDK write that)."""
+        obj = _loads(text, "recover_info")
+        name = "extra_data" if isinstance(obj, dict) and "extra_data" in obj else "payload"
+        obj = _fields(obj, "recover_info", ("signature", name, "deadline"))
         return cls(
             signature=_byte_array_64(obj["signature"], "recover_info.signature"),
-            payload=_byte_array_64(obj["payload"], "recover_info.payload"),
+            payload=_byte_array_64(obj[name], f"recover_info.{name}"),
             deadline=_int_in(obj["deadline"], "recover_info.deadline", I64_MIN, I64_MAX),
         )
 
-    def to_json(self) -> str:
+    def to_json(self, *, v2: bool = False) -> str:
+        """As v1's dApp writes it; `v2`: as v2's (`extra_data`), which its SDK requires."""
         return _dumps(
             {
                 "signature": list(self.signature),
-                "payload": list(self.payload),
+                "extra_data" if v2 else "payload": list(self.payload),
                 "deadline": self.deadline,
             }
         )

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 
 import httpx
 import openai
@@ -66,6 +67,13 @@ async def test_the_dapp_login_route_also_needs_a_challenge(client: httpx.AsyncCl
     message = (await client.post("/user/challenge", json={"user_pubkey": USER})).json()["message"]
     response = await try_login(client, message, sign(WALLET, message), "/user/login")
     assert response.status_code == 200
+    # the dApp does `new Date(expire_at)`: a number is read as milliseconds (1970, expired),
+    # so its route says the time as the Go backend did, in RFC 3339
+    expire_at = datetime.datetime.fromisoformat(response.json()["expire_at"])
+    week = datetime.timedelta(days=7)  # the default session_ttl_s
+    assert expire_at.tzinfo is not None
+    ahead = expire_at - datetime.datetime.now(datetime.UTC)
+    assert week - datetime.timedelta(minutes=5) < ahead <= week
 
 
 async def test_a_challenge_cannot_be_replayed(client: httpx.AsyncClient) -> None:

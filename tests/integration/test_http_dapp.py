@@ -37,10 +37,13 @@ WALLET = USER_KEYS[0]
 
 
 def sse_events(body: bytes) -> list[tuple[str, Any]]:
+    """Events as the dApp reads them: blocks split on a blank line, each starting with
+    `event:message` or `event:done` (no space, as gin writes them; the dApp matches that)."""
     events = []
     for block in body.decode().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        lines = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
         if "event" in lines:
+            assert block.startswith(f"event:{lines['event']}\ndata:"), block
             events.append((lines["event"], orjson.loads(lines["data"])))
     return events
 
@@ -104,8 +107,8 @@ async def test_reasoning_the_dapp_never_shows_is_not_charged_when_the_client_lea
         ) as response,
     ):
         async for line in response.aiter_lines():
-            if line.startswith("data: "):
-                assert orjson.loads(line[6:]) == {"content": "this"}
+            if line.startswith("data:"):
+                assert orjson.loads(line[5:]) == {"content": "this"}
                 break  # the model now pauses; leaving closes the connection
 
     async def settled() -> bool:
@@ -227,7 +230,7 @@ def test_chunks_without_a_delta_object_send_nothing_and_raise_nothing() -> None:
     ):
         assert render.chunk(StreamChunk(b"", data)) is None
     sent = render.chunk(StreamChunk(b"", {"choices": [{"delta": {"content": "hi"}}]}))
-    assert sent == b'event: message\ndata: {"content":"hi"}\n\n' and render.parts == ["hi"]
+    assert sent == b'event:message\ndata:{"content":"hi"}\n\n' and render.parts == ["hi"]
 
 
 async def test_reasoning_stopped_at_the_hold_is_charged_as_the_model_bills_it(

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dsproxy.domain.recharge import recharge_request
 from dsproxy.errors import MalformedMessage
 from dsproxy.wire.messages import (
     DeviceStatus,
@@ -188,6 +189,29 @@ def test_v2_request_payload_keeps_its_namespace_id() -> None:
     )
     assert RequestPayload.parse(payload.to_json()) == payload
     assert '"namespace_id":3' in payload.to_json()
+
+
+def test_a_v2_recover_info_names_its_payload_extra_data() -> None:
+    """balance-payment v2's dApp writes `{"signature", "extra_data", "deadline"}` and its Rust
+    SDK requires it: such a Request was refused (missing field 'payload'), and v2 Requests made
+    here could not be read by the SDK."""
+    info = RecoverInfo(bytes(range(64)), bytes(range(64, 128)), 1_800_000_000)
+    v2_dapp = (
+        '{"signature":'
+        + json.dumps(list(info.signature), separators=(",", ":"))
+        + ',"extra_data":'
+        + json.dumps(list(info.payload), separators=(",", ":"))
+        + ',"deadline":1800000000}'
+    )
+    assert RecoverInfo.parse(v2_dapp) == info
+    assert info.to_json(v2=True) == v2_dapp
+    assert RecoverInfo.parse(info.to_json()) == info  # v1 keeps `payload`
+    assert '"payload"' in info.to_json() and '"extra_data"' not in info.to_json()
+    request = recharge_request(info, 1, USER, namespace_id=3)
+    written = json.loads(request.payload.recover_info)
+    assert written.keys() == {"signature", "extra_data", "deadline"}
+    with pytest.raises(MalformedMessage, match="unknown field"):  # one name or the other
+        RecoverInfo.parse(v2_dapp[:-1] + ',"payload":' + json.dumps(list(info.payload)) + "}")
 
 
 _JSON = st.recursive(
