@@ -456,8 +456,24 @@ def error_body(exc: DsproxyError, tokens_charged: int = 0) -> tuple[int, dict[st
     return status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: DsproxyError) -> Response:
+DAPP_ROUTES = ("/user", "/conversations", "/messages")
+
+
+def is_dapp_route(path: str) -> bool:
+    return any(path == route or path.startswith(route + "/") for route in DAPP_ROUTES)
+
+
+def dapp_error(body: dict[str, Any]) -> dict[str, Any]:
+    """The dApp's routes say errors as the Go backend did, `{"error": "<message>"}` (the dApp
+    shows `data.error` as text), with our `code` and `param` beside it."""
+    error = body["error"]
+    return {"error": error["message"], "code": error["code"], "param": error["param"]}
+
+
+def error_response(exc: DsproxyError, *, dapp: bool = False) -> Response:
     status, body = error_body(exc)
+    if dapp:
+        body = dapp_error(body)
     headers: dict[str, str] = {}
     hopeless = isinstance(exc, UpstreamUnauthorized | UpstreamQuotaExhausted)
     if hopeless or (status < 500 and status != 429):

@@ -29,6 +29,7 @@ from dsproxy.entrypoints.http_api import (
     Backend,
     MeteredStreamResponse,
     authenticate,
+    dapp_error,
     error_body,
     json_response,
     now_s,
@@ -105,7 +106,7 @@ class DappStreamRender:
         row = await self._store(charge)
         if error is not None:
             _, body = error_body(error, charge.tokens_charged)
-            return b"event:error\ndata:" + orjson.dumps(body) + b"\n\n"
+            return b"event:error\ndata:" + orjson.dumps(dapp_error(body)) + b"\n\n"
         message = {**_message_json(row), "balance": charge.balance}
         return b"event:done\ndata:" + orjson.dumps(message) + b"\n\n"
 

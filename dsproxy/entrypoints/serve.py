@@ -34,7 +34,9 @@ from dsproxy.entrypoints.http_api import (
     Backend,
     CountRequests,
     close_backend,
+    dapp_error,
     error_response,
+    is_dapp_route,
     json_response,
     open_backend,
 )
@@ -76,7 +78,7 @@ def build_app(backend: Backend) -> ASGIApp:
 
     async def our_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, DsproxyError), exc
-        response = error_response(exc)
+        response = error_response(exc, dapp=is_dapp_route(request.url.path))
         if response.status_code >= 500:  # the operator's to fix (a full disk): say so in the log
             log.error("%s %s: %s", request.method, request.url.path, exc)
         if isinstance(exc, StoreError):
@@ -87,13 +89,15 @@ def build_app(backend: Backend) -> ASGIApp:
         assert isinstance(exc, HTTPException), exc
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = {"error": {"message": exc.detail, "type": kind, "param": None, "code": None}}
+        if is_dapp_route(request.url.path):
+            body = dapp_error(body)
         return json_response(body, exc.status_code, headers=dict(exc.headers or {}))  # 405: Allow
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
         body = {"error": {"message": "internal error", "type": "server_error"}}
         body["error"].update(param=None, code=None)
-        return json_response(body, 500)
+        return json_response(dapp_error(body) if is_dapp_route(request.url.path) else body, 500)
 
     routes = [
         *http_openai.routes(backend),
