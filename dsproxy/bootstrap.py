@@ -88,7 +88,7 @@ async def open_ledger(settings: Settings) -> LedgerNode:
     """Open the event store and the projection (with every fact projection) under the policy."""
     policy = trust_policy(settings)
     extensions = fact_projections(settings)
-    store = AsyncEventStore.open(settings.events_path)
+    store = AsyncEventStore.open(settings.events_path, settings.store_lock_timeout_s)
     try:
         db = await open_projection(
             store,

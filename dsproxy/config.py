@@ -214,6 +214,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "relay_retry_ms_max": (_int_at_least(1), 30_000),
     "publish_rejections_max": (_int_at_least(1), 20),
     "events_per_page_max": (_int_at_least(1), 5_000),
+    "store_lock_timeout_s": (_int_at_least(1), 30),
 }
 
 
@@ -273,6 +274,7 @@ class Settings:
     relay_retry_ms_max: int
     publish_rejections_max: int
     events_per_page_max: int
+    store_lock_timeout_s: int
 
     @property
     def events_path(self) -> Path:

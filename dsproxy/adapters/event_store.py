@@ -468,8 +468,8 @@ class AsyncEventStore:
         self._writes: deque[tuple[Write, asyncio.Future[AppendOutcome]]] = deque()
 
     @classmethod
-    def open(cls, path: Path) -> AsyncEventStore:
-        return cls(EventStore(path))
+    def open(cls, path: Path, lock_timeout_s: int = 30) -> AsyncEventStore:
+        return cls(EventStore(path, lock_timeout_s))
 
     async def _run(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)

@@ -284,6 +284,7 @@ async def open_backend(settings: Settings) -> Backend:
         await node.aclose()
         raise
     ledger = node.ledger
+    storage = StorageHealth()
     meter = Meter(
         ledger.store,
         ledger.db,
@@ -292,6 +293,7 @@ async def open_backend(settings: Settings) -> Backend:
         secret_hex,
         catalog,
         wake_projector=node.wake.set,
+        on_store_failure=storage.failed,
     )
     upstream = Upstream(
         settings.upstream_url,
@@ -327,6 +329,7 @@ async def open_backend(settings: Settings) -> Backend:
         metrics,
         server,
         pubkey,
+        storage,
     )
 
 

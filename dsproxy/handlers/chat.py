@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from attrs import define, evolve, frozen
+from eventsourcing.application import AggregateNotFoundError
 
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.holds_projection import open_holds, unissued_charges
@@ -41,6 +42,7 @@ from dsproxy.errors import (
     InsufficientTokens,
     InvalidParameter,
     RateLimited,
+    StoreError,
     UpstreamError,
 )
 from dsproxy.services.projector import Projector
@@ -68,6 +70,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEBIT_BATCH_S = 0.25  # a user's charges settled within this long share one debit event
+SETTLE_RETRY_S_MIN, SETTLE_RETRY_S_MAX = 0.5, 30.0  # a delivered answer's charge, retried
 DEBIT_SKEW_S = 20  # equal debits of one user spread over this many past seconds (relays allow ~30)
 DEBIT_SECONDS_TRACKED_MAX = 100_000
 
@@ -126,6 +129,7 @@ class Meter:
         catalog: ModelCatalog,
         *,
         wake_projector: Callable[[], None] | None = None,
+        on_store_failure: Callable[[str], None] | None = None,
         books_idle_max: int = 100_000,
         debit_batch_s: float = DEBIT_BATCH_S,
     ) -> None:
@@ -133,6 +137,7 @@ class Meter:
         self.address, self.catalog = address, catalog
         self._secret_hex = secret_hex
         self._wake_projector = wake_projector or (lambda: None)
+        self._on_store_failure = on_store_failure or (lambda failure: None)
         self._books: OrderedDict[str, Book] = OrderedDict()
         self._books_idle_max = books_idle_max
         self._stale: set[str] = set()  # balances another process may have moved
@@ -236,8 +241,11 @@ class Meter:
             hold.completion_tokens_max,
         )
 
-    async def settle(self, hold: OpenHold, usage: Usage) -> Charge:
-        """Record the exact charge (durable before this returns); its debit event follows."""
+    async def settle(self, hold: OpenHold, usage: Usage, *, delivered: bool = False) -> Charge:
+        """Record the exact charge (durable before this returns); its debit event follows.
+
+        `delivered`: the user has the answer already (a stream), so a write that fails is tried
+        again until it lands, the hold kept meanwhile; otherwise it is not charged."""
         tokens = debit_for(hold.price, usage, hold.tokens)
         if tokens == 0:
             return await self.release(hold, "nothing to charge")
@@ -245,7 +253,10 @@ class Meter:
             hold.chat_id, hold.user, tokens, usage.prompt_tokens, usage.completion_tokens
         )
         try:
-            await self.store.record([], self._facts(hold), outcome)
+            if delivered:
+                await self._record_until_landed(hold, outcome)
+            else:
+                await self.store.record([], self._facts(hold), outcome)
         except Exception:  # not recorded: not charged (a cancel may have recorded it: keep it)
             self._books[hold.user] = release_hold(self._books[hold.user], hold.chat_id.hex)
             raise
@@ -255,6 +266,38 @@ class Meter:
         self.issue_debits(hold.user)
         view = self._view(hold.user, book)
         return Charge(tokens, view.balance, view.tokens_available, usage)
+
+    async def _record_until_landed(self, hold: OpenHold, outcome: HoldOutcome) -> None:
+        """Storage that fails (a full disk, another process holding the file) is waited out:
+        text already delivered stays charged. A write reported failed may have landed: the
+        outcome's id is derived from the chat's, so it is looked for before trying again."""
+        delay_s = SETTLE_RETRY_S_MIN
+        while True:
+            try:
+                await self.store.record([], self._facts(hold), outcome)
+                return
+            except StoreError as exc:
+                if await self._recorded(outcome):
+                    return
+                self._on_store_failure(str(exc))
+                log.error(
+                    "recording the charge of chat %s (%s) failed: %s; trying again in %.1f s",
+                    hold.chat_id,
+                    hold.user,
+                    exc,
+                    delay_s,
+                )
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, SETTLE_RETRY_S_MAX)
+
+    async def _recorded(self, outcome: HoldOutcome) -> bool:
+        try:
+            await self.store.aggregate(outcome.id)
+        except AggregateNotFoundError:
+            return False
+        except Exception:  # the store is still away: it did not land as far as we can tell
+            return False
+        return True
 
     async def release(self, hold: OpenHold, reason: str) -> Charge:
         """Close the hold with no charge (recorded, so the chat's end is on file)."""
@@ -698,7 +741,7 @@ class ChatStream:
                 return await self.handler.meter.release(self.hold, "no output delivered")
             prompt = self.usage.prompt_tokens if self.usage else self.hold.prompt_tokens
             usage = Usage(prompt, completion)
-        return await self.handler.charge(self.hold, usage)
+        return await self.handler.charge(self.hold, usage, delivered=True)
 
 
 class ChatHandler:
@@ -722,8 +765,8 @@ class ChatHandler:
         if self.metrics is not None:
             self.metrics.upstream_latency(time.perf_counter() - started_s)
 
-    async def charge(self, hold: OpenHold, usage: Usage) -> Charge:
-        charge = await self.meter.settle(hold, usage)
+    async def charge(self, hold: OpenHold, usage: Usage, *, delivered: bool = False) -> Charge:
+        charge = await self.meter.settle(hold, usage, delivered=delivered)
         if self.metrics is not None:
             self.metrics.charged(hold.model, usage, charge.tokens_charged)
         return charge

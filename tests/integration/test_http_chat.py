@@ -719,6 +719,45 @@ async def test_healthz_says_failing_after_a_request_failed_on_storage(
     assert "locked" in health.json()["storage"]["last_failure"]
 
 
+async def test_a_streamed_answer_is_charged_once_storage_comes_back(
+    node_env: dict[str, str], demo_url: str, tokenizer: Tokenizer
+) -> None:
+    """The user has a streamed answer before its charge is written: a write that failed (here
+    another process held the event store past the timeout) released the hold, and the words
+    were free; the stream also broke off without its end."""
+    env = backend_env(node_env, demo_url, DSPROXY_STORE_LOCK_TIMEOUT_S="1")
+    settings = load_settings(env)
+    content = "hi [[words:4]]"
+    body = {
+        "model": "deepseek-chat",
+        "messages": messages(content),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            session = await funded(http, settings, WALLET, 1_000)
+            other = sqlite3.connect(settings.events_path, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # the store's writer now waits, then fails
+                chat = asyncio.create_task(post_chat(http, session, body))
+
+                async def failing() -> bool:
+                    return (await http.get("/healthz")).status_code == 503
+
+                await eventually(failing, "/healthz to say the store is failing")
+                assert (await balance(http, session))["held"] > 0  # kept while it retries
+            finally:
+                other.close()  # rolls back: the store is free again
+            response = await chat
+    assert response.status_code == 200
+    assert response.text.rstrip().endswith("data: [DONE]")  # the stream ended whole
+    charged = expected_charge(tokenizer, content, "this is the dsproxy")
+    assert f'"tokens_charged":{charged}' in response.text
+    # the backend has stopped, its debits issued: the charge is in the store, once
+    assert [tokens for _, tokens in read_debits(settings, USER)] == [-charged]
+
+
 async def test_models_lists_the_configured_models(sdk: openai.AsyncOpenAI) -> None:
     models = await sdk.models.list()
     assert [model.id for model in models.data] == ["deepseek-chat", "deepseek-reasoner"]
