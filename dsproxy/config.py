@@ -21,7 +21,7 @@ from dsproxy.errors import ConfigError, MalformedMessage
 from dsproxy.wire.envelope import DEFAULT_SESSION
 from dsproxy.wire.messages import validate_user
 
-__all__ = ["CREDIT_TOKENS_MAX", "PROGRAM_ID_V1", "Settings", "load_settings"]
+__all__ = ["CREDIT_TOKENS_MAX", "PROGRAM_ID_V1", "Settings", "http_url", "load_settings"]
 
 PROGRAM_ID_V1 = "GguVKxU88NUe3GLtns7Uaa6a8Pjb9USKq3WD1rjZnPS9"
 
@@ -62,18 +62,28 @@ def _text_list(raw: Any, key: str) -> tuple[str, ...]:
     return tuple(item for item in stripped if item)
 
 
+def _url_with(schemes: tuple[str, ...], url: str, key: str, noun: str = "URL") -> str:
+    """A URL of one of `schemes` with a host (and a port that is a number, if any)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in schemes or not parts.hostname:
+        shown = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise ConfigError(f"{key} has {url!r}: not a {shown} {noun}")
+    return url
+
+
 def _relay_urls(raw: Any, key: str) -> tuple[str, ...]:
     """ws:// or wss:// URLs with a host: a node given anything else retried it forever."""
     urls = _text_list(raw, key)
-    for url in urls:
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ConfigError(f"{key} has {url!r}: not a ws:// or wss:// relay URL")
-    return urls
+    return tuple(_url_with(("ws", "wss"), url, key, "relay URL") for url in urls)
+
+
+def http_url(raw: Any, key: str) -> str:
+    """An http:// or https:// URL with a host: anything else failed at the first chat."""
+    return _url_with(("http", "https"), _text(raw, key), key)
 
 
 def _int_at_least(low: int) -> Callable[[Any, str], int]:
@@ -170,7 +180,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "admin_pubkey": (_optional_hex_key, ""),
     "relays": (_relay_urls, ""),
     "nostr_key_file": (_optional_path, ""),
-    "solana_rpc_url": (_text, "http://127.0.0.1:8899"),
+    "solana_rpc_url": (http_url, "http://127.0.0.1:8899"),
     "solana_commitment": (_commitment, "confirmed"),
     "program_id": (_solana_pubkey, PROGRAM_ID_V1),
     "program_version": (_program_version, 1),
@@ -183,7 +193,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "request_stale_s": (_int_at_least(0), 3_600),
     "controller_concurrency_max": (_int_at_least(1), 16),
     "crash_at": (_crash_points, ""),
-    "upstream_url": (_text, "https://api.deepseek.com"),
+    "upstream_url": (http_url, "https://api.deepseek.com"),
     "upstream_api_key": (_optional_text, ""),
     "upstream_api_key_file": (_optional_path, ""),
     "upstream_timeout_s": (_int_at_least(1), 600),

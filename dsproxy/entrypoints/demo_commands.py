@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dsproxy.config import Settings
+from dsproxy.config import Settings, http_url
 from dsproxy.demo.stack import (
     DemoLayout,
     DemoOptions,
@@ -67,8 +67,8 @@ def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that do not go together, before anything starts."""
     if not 0 <= args.port <= 65_535:
         raise BadInput(f"--port {args.port} is not a TCP port (0-65535)")
-    if args.upstream is not None and not args.upstream.startswith(("http://", "https://")):
-        raise BadInput(f"--upstream {args.upstream!r} is not an http(s) URL")
+    if args.upstream is not None:
+        http_url(args.upstream, "--upstream")
     if args.upstream_api_key_file is not None and args.upstream is None:
         raise BadInput("--upstream-api-key-file needs --upstream (the demo model takes no key)")
     if args.upstream_api_key_file is not None:

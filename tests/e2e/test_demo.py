@@ -182,6 +182,19 @@ def test_a_key_file_the_demo_cannot_read_is_refused_before_anything_starts(
     assert not (tmp_path / "demo").exists()
 
 
+def test_an_upstream_that_is_not_an_http_url_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """`--upstream 'http://[::1'` passed the check of its scheme and was an httpx.InvalidURL
+    traceback."""
+    result = _demo("--data-dir", str(tmp_path / "demo"), "--upstream", "http://[::1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "dsproxy: error: --upstream has 'http://[::1': not a http:// or https:// URL\n"
+    )
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("made_by_the_demo", [True, False])
 def test_a_start_that_fails_says_why_and_leaves_the_directory_as_it_found_it(
     tmp_path: Path, made_by_the_demo: bool

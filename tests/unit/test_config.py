@@ -21,3 +21,20 @@ def test_a_relay_that_is_not_a_websocket_url_is_refused_at_start_up(relays: str)
 def test_relays_are_ws_or_wss_urls_with_a_host() -> None:
     settings = load_settings({"DSPROXY_RELAYS": " wss://relay.example , ws://[::1]:7000/ ,"})
     assert settings.relays == ("wss://relay.example", "ws://[::1]:7000/")
+
+
+@pytest.mark.parametrize("name", ["DSPROXY_UPSTREAM_URL", "DSPROXY_SOLANA_RPC_URL"])
+@pytest.mark.parametrize(
+    "url", ["http://[::1", "ftp://model.example", "model.example/v1", "http://"]
+)
+def test_an_http_url_that_is_not_one_is_refused_at_start_up(name: str, url: str) -> None:
+    """`dsproxy demo --upstream 'http://[::1'` was an httpx.InvalidURL traceback; others failed
+    at the first chat or payment."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings({name: url})
+    assert str(refused.value) == f"{name} has {url!r}: not a http:// or https:// URL"
+
+
+def test_http_urls_with_a_host_are_taken() -> None:
+    settings = load_settings({"DSPROXY_UPSTREAM_URL": "http://[::1]:9000/v1"})
+    assert settings.upstream_url == "http://[::1]:9000/v1"
