@@ -204,6 +204,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "shutdown_grace_s": (_int_between(0, 3_600), 25),
     "public_url": (lambda raw, key: _optional_text(raw, key).rstrip("/"), ""),
     "models": (_text_list, "deepseek-chat,deepseek-reasoner"),
+    "model_aliases": (_text_list, ""),
     "prices": (_text_list, ""),
     "context_windows": (_text_list, ""),
     "context_window_tokens": (_int_at_least(16), 65_536),
@@ -264,6 +265,7 @@ class Settings:
     shutdown_grace_s: int
     public_url: str
     models: tuple[str, ...]
+    model_aliases: tuple[str, ...]
     prices: tuple[str, ...]
     context_windows: tuple[str, ...]
     context_window_tokens: int

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
+from typing import Any
 
 from attrs import field, frozen
 
@@ -62,6 +63,13 @@ class ModelCatalog:
     context_windows: Mapping[str, int] = field(factory=dict)
     context_window_default: int = 65_536
     completion_tokens_max: int = 8_192
+    aliases: Mapping[str, str] = field(factory=dict)  # another name -> a model sold
+
+    def sold(self, name: Any) -> str | None:
+        """The model sold under this name (a model's own, or an alias of it); None if none."""
+        if not isinstance(name, str):
+            return None
+        return name if name in self.models else self.aliases.get(name)
 
     def price(self, model: str) -> Price:
         return self.prices.get(model, UNIT_PRICE)
@@ -176,6 +184,22 @@ def parse_prices(items: Sequence[str], key: str = "DSPROXY_PRICES") -> Mapping[s
             raise ConfigError(f"{key} has {item!r}: rates must be >= 0 (input), > 0 (output)")
         prices[model] = Price(input_rate, output_rate)
     return prices
+
+
+def parse_model_aliases(
+    items: Sequence[str], models: Sequence[str], key: str = "DSPROXY_MODEL_ALIASES"
+) -> Mapping[str, str]:
+    """`NAME=MODEL` pairs: chats asking for NAME get MODEL (the published dApp asks for the
+    names of the provider the Go backend used, e.g. `deepseek/deepseek-v3/community`)."""
+    aliases: dict[str, str] = {}
+    for item in items:
+        name, model = _split_pair(item, key)
+        if model not in models:
+            raise ConfigError(f"{key} has {item!r}: {model!r} is not one of the models sold")
+        if name in models:
+            raise ConfigError(f"{key} has {item!r}: {name!r} is a model sold, not another name")
+        aliases[name] = model
+    return aliases
 
 
 def parse_model_numbers(items: Sequence[str], key: str, low: int = 1) -> Mapping[str, int]:

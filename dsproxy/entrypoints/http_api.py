@@ -27,7 +27,13 @@ from dsproxy.adapters.upstream import StreamChunk, Upstream
 from dsproxy.bootstrap import address
 from dsproxy.config import Settings
 from dsproxy.domain.accounts import SESSION_PREFIX, hash_secret
-from dsproxy.domain.metering import ModelCatalog, Usage, parse_model_numbers, parse_prices
+from dsproxy.domain.metering import (
+    ModelCatalog,
+    Usage,
+    parse_model_aliases,
+    parse_model_numbers,
+    parse_prices,
+)
 from dsproxy.errors import (
     AuthenticationFailed,
     BadInput,
@@ -241,6 +247,7 @@ def catalog_of(settings: Settings) -> ModelCatalog:
         context_windows=parse_model_numbers(settings.context_windows, "DSPROXY_CONTEXT_WINDOWS"),
         context_window_default=settings.context_window_tokens,
         completion_tokens_max=settings.completion_tokens_max,
+        aliases=parse_model_aliases(settings.model_aliases, settings.models),
     )
 
 

@@ -127,14 +127,14 @@ def routes(backend: Backend) -> list[Route]:
             raise InvalidParameter("the body must be a JSON object", param="body")
         title = body.get("title")
         title = "New conversation" if title in (None, "") else title
-        model = body.get("model")
-        model = catalog.models[0] if model in (None, "") else model
+        asked = body.get("model")
+        model = catalog.models[0] if asked in (None, "") else catalog.sold(asked)
         if not isinstance(title, str) or len(title) > TITLE_CHARS_MAX:
             raise InvalidParameter(
                 f"title must be at most {TITLE_CHARS_MAX} characters", param="title"
             )
-        if model not in catalog.models:
-            raise InvalidParameter(f"no model {model!r}", param="model", code="model_not_found")
+        if model is None:
+            raise InvalidParameter(f"no model {asked!r}", param="model", code="model_not_found")
         row = await backend.accounts.add_conversation(user, title, model, now_s())
         return json_response(_conversation_json(row), 201)
 
@@ -177,9 +177,10 @@ def routes(backend: Backend) -> list[Route]:
         content = body.get("content")
         if not isinstance(content, str) or not content.strip():
             raise InvalidParameter("content must be a non-empty string", param="content")
-        model = body.get("model") or conversation.model
-        if model not in catalog.models:
-            raise InvalidParameter(f"no model {model!r}", param="model", code="model_not_found")
+        asked = body.get("model") or conversation.model
+        model = catalog.sold(asked)
+        if model is None:
+            raise InvalidParameter(f"no model {asked!r}", param="model", code="model_not_found")
 
         async def work(ticket: UserTicket) -> MeteredStreamResponse:
             # the history is counted under the user's limits, off the event loop when long

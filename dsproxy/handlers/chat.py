@@ -499,6 +499,7 @@ class ChatRequest:
     def upstream_body(self, completion_tokens_max: int) -> dict[str, Any]:
         """The client's body with the completion limit the hold pays for, and usage asked."""
         body = {k: v for k, v in self.body.items() if k != "max_completion_tokens"}
+        body["model"] = self.model  # the model sold under the name asked for
         body["max_tokens"] = completion_tokens_max
         if self.stream:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -545,10 +546,10 @@ async def parse_chat_request(body: Any, catalog: ModelCatalog, tokenizer: Tokeni
     """Validate an OpenAI chat body; bad input raises before anything is reserved."""
     if not isinstance(body, dict):
         raise InvalidParameter("the body must be a JSON object", param="body")
-    model = body.get("model")
-    if not isinstance(model, str) or model not in catalog.models:
+    model = catalog.sold(body.get("model"))
+    if model is None:
         raise InvalidParameter(
-            f"the model {model!r} does not exist; GET /v1/models lists them",
+            f"the model {body.get('model')!r} does not exist; GET /v1/models lists them",
             param="model",
             code="model_not_found",
         )

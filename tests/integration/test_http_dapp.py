@@ -9,12 +9,15 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from dsproxy.adapters.tokenizer import Tokenizer
 from dsproxy.adapters.upstream import StreamChunk
 from dsproxy.config import Settings, load_settings
 from dsproxy.demo.upstream_model import DemoModel
+from dsproxy.entrypoints.http_api import catalog_of
 from dsproxy.entrypoints.http_dapp import DappStreamRender
+from dsproxy.errors import ConfigError
 from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     USER_KEYS,
     WAIT_S_MAX,
@@ -173,6 +176,33 @@ async def test_conversations_are_listed_in_pages(
     # another user's conversation is no place to start from
     refused = await client.get(f"/conversations?after={made[0]}", headers=bearer(other))
     assert refused.status_code == 404
+
+
+async def test_the_dapps_model_names_are_served_by_the_models_they_alias(
+    node_env: dict[str, str], demo_url: str, demo_model: DemoModel
+) -> None:
+    """The published dApp asks for the names of the provider the Go backend used: without an
+    alias every message was a 400 model_not_found."""
+    v3, r1 = "deepseek/deepseek-v3/community", "deepseek/deepseek-r1/community"
+    aliases = f"{v3}=deepseek-chat,{r1}=deepseek-reasoner"
+    settings = load_settings(backend_env(node_env, demo_url, DSPROXY_MODEL_ALIASES=aliases))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            token = await funded(http, settings, WALLET, 1_000)
+            conversation = await new_conversation(http, token)
+            for asked, served in ((v3, "deepseek-chat"), (r1, "deepseek-reasoner")):
+                body = {"conversation_id": conversation, "content": "hi", "model": asked}
+                response = await http.post("/messages", json=body, headers=bearer(token))
+                assert response.status_code == 200, response.text
+                assert sse_events(response.content)[-1][0] == "done"
+                assert demo_model.last_body["model"] == served
+            listed = await http.get("/v1/models", headers=bearer(token))
+            assert [m["id"] for m in listed.json()["data"]] == [
+                "deepseek-chat",
+                "deepseek-reasoner",
+            ]
+    with pytest.raises(ConfigError, match="not one of the models sold"):
+        catalog_of(load_settings({**node_env, "DSPROXY_MODEL_ALIASES": f"{v3}=gpt-5"}))
 
 
 async def test_history_is_trimmed_to_the_context_window(
