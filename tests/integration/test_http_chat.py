@@ -60,6 +60,16 @@ def messages(content: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
+def streamed_with_usage(content: str) -> dict[str, Any]:
+    """A streamed chat's body that asks for the final usage chunk."""
+    return {
+        "model": "deepseek-chat",
+        "messages": messages(content),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 def expected_charge(tokenizer: Tokenizer, content: str, completion_text: str) -> int:
     return tokenizer.count_prompt(messages(content)) + tokenizer.count(completion_text)
 
@@ -423,12 +433,7 @@ async def test_a_usage_sent_early_in_a_stream_does_not_bill_the_text_after_it(
     """A usage on the first chunk (none at the end) once billed the whole stream: the prompt,
     and none of the words that followed."""
     content = "hi [[early-usage]] [[words:4]]"
-    body = {
-        "model": "deepseek-chat",
-        "messages": messages(content),
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = streamed_with_usage(content)
     response = await post_chat(client, token, body)
     assert response.status_code == 200
     charged = expected_charge(tokenizer, content, "this is the dsproxy")
@@ -728,12 +733,7 @@ async def test_a_streamed_answer_is_charged_once_storage_comes_back(
     env = backend_env(node_env, demo_url, DSPROXY_STORE_LOCK_TIMEOUT_S="1")
     settings = load_settings(env)
     content = "hi [[words:4]]"
-    body = {
-        "model": "deepseek-chat",
-        "messages": messages(content),
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = streamed_with_usage(content)
     with backend_in_thread(settings) as base:
         async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
             session = await funded(http, settings, WALLET, 1_000)
