@@ -282,15 +282,16 @@ class AccountsDb:
     async def conversations(
         self, user: str, limit: int, after: ConversationRow | None = None
     ) -> list[ConversationRow]:
-        """The user's conversations, the last updated first; `after` one of them: those listed
-        after it (a page of a longer list)."""
+        """The user's conversations, the newest first (as the Go backend listed them); `after`
+        one of them: those listed after it (a page of a longer list). The order is by creation,
+        which never changes: by last update, a page would repeat one a new message moved up."""
         where, params = "user = ?", [user]
         if after is not None:
-            where += " AND (updated_at < ? OR (updated_at = ? AND id > ?))"
-            params += [after.updated_at, after.updated_at, after.id]
+            where += " AND (created_at < ? OR (created_at = ? AND id > ?))"
+            params += [after.created_at, after.created_at, after.id]
         rows = await self._rows(
             "SELECT id, user, title, model, created_at, updated_at FROM conversations "
-            f"WHERE {where} ORDER BY updated_at DESC, id LIMIT ?",
+            f"WHERE {where} ORDER BY created_at DESC, id LIMIT ?",
             (*params, limit),
         )
         return [ConversationRow(*row) for row in rows]

@@ -72,6 +72,22 @@ def error_for_status(status: int, body: bytes, retry_after: str | None = None) -
     return UpstreamError(f"the model server failed with status {status}")
 
 
+async def _start_of(response: httpx.Response, bytes_max: int) -> bytes:
+    """The first `bytes_max` bytes of a body (an error's), then the response is closed: a
+    server that answers a stream with a long refusal is not read to its end."""
+    content = b""
+    try:
+        async for piece in response.aiter_bytes():
+            content += piece
+            if len(content) >= bytes_max:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        await response.aclose()
+    return content[:bytes_max]
+
+
 def _error_of(response: httpx.Response, body: bytes) -> UpstreamError:
     return error_for_status(response.status_code, body, response.headers.get("retry-after"))
 
@@ -277,17 +293,16 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
         media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if response.status_code != 200 or media_type != "text/event-stream":
+        if response.status_code != 200 or media_type == "application/json":
             # some servers say 200 over an error (as JSON)
-            try:
-                content = await response.aread()
-            except httpx.HTTPError:
-                content = b""
-            finally:
-                await response.aclose()
+            content = await _start_of(response, ERROR_BODY_BYTES_MAX)
             if response.status_code == 200:
                 raise UpstreamError(f"the model server answered with no stream: {_detail(content)}")
             raise _error_of(response, content)
+        if media_type != "text/event-stream":
+            # some servers stream SSE as text/plain, or with no type: read it as SSE all the
+            # same (httpx-sse reads only what is labelled so)
+            response.headers["content-type"] = "text/event-stream"
         return UpstreamStream(response)
 
     async def list_models(self) -> list[str]:

@@ -103,10 +103,10 @@ def routes(backend: Backend) -> list[Route]:
         return json_response({"object": "list", "data": data})
 
     async def model(request: Request) -> Response:
-        """`client.models.retrieve(name)` in the SDK."""
+        """`client.models.retrieve(name)` in the SDK; an alias is found too (chats take it)."""
         await authenticate(request, backend)
         name = request.path_params["name"]
-        if name not in backend.catalog.models:
+        if backend.catalog.sold(name) is None:
             raise InvalidParameter(
                 f"the model {name!r} does not exist; GET /v1/models lists them",
                 param="model",

@@ -249,14 +249,17 @@ class Meter:
         tokens = debit_for(hold.price, usage, hold.tokens)
         if tokens == 0:
             return await self.release(hold, "nothing to charge")
-        outcome = HoldOutcome.settled(
-            hold.chat_id, hold.user, tokens, usage.prompt_tokens, usage.completion_tokens
-        )
+
+        def settled() -> HoldOutcome:
+            return HoldOutcome.settled(
+                hold.chat_id, hold.user, tokens, usage.prompt_tokens, usage.completion_tokens
+            )
+
         try:
             if delivered:
-                await self._record_until_landed(hold, outcome)
+                await self._record_until_landed(hold, settled)
             else:
-                await self.store.record([], self._facts(hold), outcome)
+                await self.store.record([], self._facts(hold), settled())
         except Exception:  # not recorded: not charged (a cancel may have recorded it: keep it)
             self._books[hold.user] = release_hold(self._books[hold.user], hold.chat_id.hex)
             raise
@@ -267,12 +270,17 @@ class Meter:
         view = self._view(hold.user, book)
         return Charge(tokens, view.balance, view.tokens_available, usage)
 
-    async def _record_until_landed(self, hold: OpenHold, outcome: HoldOutcome) -> None:
+    async def _record_until_landed(
+        self, hold: OpenHold, outcome_of: Callable[[], HoldOutcome]
+    ) -> None:
         """Storage that fails (a full disk, another process holding the file) is waited out:
         text already delivered stays charged. A write reported failed may have landed: the
-        outcome's id is derived from the chat's, so it is looked for before trying again."""
+        outcome's id is derived from the chat's, so it is looked for before trying again. Each
+        attempt records new aggregates: the store takes an aggregate's pending events from it
+        as it writes, so one that failed once has nothing left to record."""
         delay_s = SETTLE_RETRY_S_MIN
         while True:
+            outcome = outcome_of()
             try:
                 await self.store.record([], self._facts(hold), outcome)
                 return

@@ -15,9 +15,11 @@ import openai
 import orjson
 import pytest
 
+from dsproxy.adapters.event_store import EventStore
 from dsproxy.adapters.tokenizer import Tokenizer
 from dsproxy.config import Settings, load_settings
 from dsproxy.demo.upstream_model import DemoModel
+from dsproxy.domain.chat_facts import HoldOutcome
 from dsproxy.entrypoints.http_api import close_backend, open_backend
 from dsproxy.entrypoints.serve import build_app
 from dsproxy.errors import ConfigError
@@ -754,8 +756,15 @@ async def test_a_streamed_answer_is_charged_once_storage_comes_back(
     assert response.text.rstrip().endswith("data: [DONE]")  # the stream ended whole
     charged = expected_charge(tokenizer, content, "this is the dsproxy")
     assert f'"tokens_charged":{charged}' in response.text
-    # the backend has stopped, its debits issued: the charge is in the store, once
+    # the backend has stopped, its debits issued: the charge is in the store, once, with its
+    # facts (a retry once wrote the hold without its outcome: a restart released it)
     assert [tokens for _, tokens in read_debits(settings, USER)] == [-charged]
+    store = EventStore(settings.events_path)
+    try:
+        outcomes = store.facts_of(HoldOutcome.Settled)
+    finally:
+        store.close()
+    assert [(o.user, o.tokens_charged) for o in outcomes] == [(USER, charged)]  # type: ignore[attr-defined]
 
 
 async def test_models_lists_the_configured_models(sdk: openai.AsyncOpenAI) -> None:

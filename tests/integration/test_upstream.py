@@ -234,14 +234,16 @@ def _event(delta: dict[str, object], finish: str | None = None) -> bytes:
     return orjson.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
 
-async def _streamed(wire: bytes) -> tuple[list[dict[str, object]], bool, Exception | None]:
+async def _streamed(
+    wire: bytes, media_type: str | None = "text/event-stream"
+) -> tuple[list[dict[str, object]], bool, Exception | None]:
     """What the adapter reads of a stream sent as these bytes: chunks, finished, the error."""
 
     async def answer(request: Request) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
             yield wire
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return StreamingResponse(body(), media_type=media_type)
 
     app = Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])
     received: list[dict[str, object]] = []
@@ -301,3 +303,13 @@ async def test_a_stream_without_done_is_complete_only_if_its_choices_ended(
     assert finished is complete
     assert (failure is None) is complete
     assert len(received) == len(ends)
+
+
+@pytest.mark.parametrize("media_type", ["text/plain; charset=utf-8", None])
+async def test_a_stream_labelled_otherwise_is_read_as_sse(media_type: str | None) -> None:
+    """Servers that stream SSE as text/plain or with no type were served before httpx-sse read
+    the streams, which reads only text/event-stream; they are read as SSE all the same."""
+    wire = b"data: " + _event({"content": "a"}, "stop") + b"\n\ndata: [DONE]\n\n"
+    received, finished, failure = await _streamed(wire, media_type)
+    assert failure is None and finished
+    assert [c["choices"][0]["delta"]["content"] for c in received] == ["a"]  # type: ignore[index]
