@@ -31,7 +31,14 @@ from dsproxy.domain.accounts import (
     new_secret,
     nonce_of,
 )
-from dsproxy.entrypoints.http_api import Backend, authenticate, json_response, now_s, read_json
+from dsproxy.entrypoints.http_api import (
+    Backend,
+    authenticate,
+    json_response,
+    now_s,
+    query_limit,
+    read_json,
+)
 from dsproxy.errors import AuthenticationFailed, InvalidParameter, MalformedMessage, NotFound
 from dsproxy.wire.messages import validate_user
 
@@ -149,14 +156,8 @@ def routes(backend: Backend) -> list[Route]:
 
     async def transactions(request: Request) -> Response:
         user = await authenticate(request, backend)
-        raw = request.query_params.get("limit", "100")
-        # the length first: int() refuses more than 4,300 digits (a ValueError, then a 500)
-        if (
-            not (raw.isascii() and raw.isdigit() and len(raw) <= 9)
-            or not 1 <= int(raw) <= TRANSACTIONS_LIMIT_MAX
-        ):
-            raise InvalidParameter(f"limit must be 1..{TRANSACTIONS_LIMIT_MAX}", param="limit")
-        postings = await backend.node.ledger.db.postings(user, int(raw))
+        limit = query_limit(request, 100, TRANSACTIONS_LIMIT_MAX)
+        postings = await backend.node.ledger.db.postings(user, limit)
         data = [
             {
                 "event_id": p.event_id,

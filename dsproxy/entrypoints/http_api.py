@@ -395,6 +395,15 @@ async def read_json(request: Request, bytes_max: int) -> Any:
     return value
 
 
+def query_limit(request: Request, default: int, most: int) -> int:
+    """`?limit=` from 1 to `most`, or InvalidParameter (the length is looked at first: int()
+    refuses more than 4,300 digits, a ValueError and then a 500)."""
+    raw = request.query_params.get("limit", str(default))
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not 1 <= int(raw) <= most:
+        raise InvalidParameter(f"limit must be 1..{most}", param="limit")
+    return int(raw)
+
+
 async def authenticate(request: Request, backend: Backend, *, session_only: bool = False) -> str:
     """The user a bearer token or API key belongs to; AuthenticationFailed otherwise.
 

@@ -33,6 +33,7 @@ from dsproxy.entrypoints.http_api import (
     error_body,
     json_response,
     now_s,
+    query_limit,
     read_json,
     run_admitted,
     unless_disconnected,
@@ -141,16 +142,10 @@ def routes(backend: Backend) -> list[Route]:
     async def list_conversations(request: Request) -> Response:
         """The newest first; `?limit=` (at most 500) and `?after=<id>` page a longer list."""
         user = await authenticate(request, backend)
-        raw = request.query_params.get("limit", str(CONVERSATIONS_LISTED_MAX))
-        # the length first: int() refuses more than 4,300 digits (a ValueError, then a 500)
-        if (
-            not (raw.isascii() and raw.isdigit() and len(raw) <= 9)
-            or not 1 <= int(raw) <= CONVERSATIONS_LISTED_MAX
-        ):
-            raise InvalidParameter(f"limit must be 1..{CONVERSATIONS_LISTED_MAX}", param="limit")
+        limit = query_limit(request, CONVERSATIONS_LISTED_MAX, CONVERSATIONS_LISTED_MAX)
         after = request.query_params.get("after")
         last = None if after is None else await owned(user, after, param="after")
-        rows = await backend.accounts.conversations(user, int(raw), last)
+        rows = await backend.accounts.conversations(user, limit, last)
         return json_response([_conversation_json(row) for row in rows])
 
     async def owned(
