@@ -192,6 +192,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "deadline_margin_s": (_int_at_least(0), 5),
     "request_stale_s": (_int_at_least(0), 3_600),
     "controller_concurrency_max": (_int_at_least(1), 16),
+    "controller_metrics_port": (_int_at_least(0), 0),
     "crash_at": (_crash_points, ""),
     "upstream_url": (http_url, "https://api.deepseek.com"),
     "upstream_api_key": (_optional_text, ""),
@@ -253,6 +254,7 @@ class Settings:
     deadline_margin_s: int
     request_stale_s: int
     controller_concurrency_max: int
+    controller_metrics_port: int
     crash_at: frozenset[str]
     upstream_url: str
     upstream_api_key: str = attrs.field(repr=False)  # a secret: never in logs

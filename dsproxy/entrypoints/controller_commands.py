@@ -20,6 +20,7 @@ from dsproxy.adapters.solana_rpc import BalancePaymentRpc
 from dsproxy.bootstrap import open_ledger, program_from_settings
 from dsproxy.config import Settings
 from dsproxy.entrypoints import arguments
+from dsproxy.entrypoints.controller_metrics import ControllerMetrics, serve_metrics
 from dsproxy.entrypoints.event_loop import run_service
 from dsproxy.entrypoints.heap import freeze_startup_objects
 from dsproxy.errors import ConfigError
@@ -100,9 +101,22 @@ async def _serve(settings: Settings) -> int:
                 settings, node.ledger.projector, rpc, program,
                 signer_secret=secret, bot=bot, payer=payer,
             )  # fmt: skip
-            loop = ControllerLoop(handler, concurrency_max=settings.controller_concurrency_max)
-            freeze_startup_objects()
-            await _run_until_signalled(node, loop)
+            metrics = ControllerMetrics(node)
+            loop = ControllerLoop(
+                handler,
+                concurrency_max=settings.controller_concurrency_max,
+                on_retry=metrics.retried,
+            )
+            async with contextlib.AsyncExitStack() as served:
+                if settings.controller_metrics_port:
+                    port = await served.enter_async_context(
+                        serve_metrics(metrics, settings.http_host, settings.controller_metrics_port)
+                    )
+                    log.warning(
+                        "controller metrics on http://%s:%d/metrics", settings.http_host, port
+                    )
+                freeze_startup_objects()
+                await _run_until_signalled(node, loop)
     finally:
         await node.aclose()
     return 0

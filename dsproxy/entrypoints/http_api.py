@@ -150,25 +150,13 @@ class Metrics:
 
     async def refresh(self, backend: Backend) -> None:
         """Gauges read from the tables at scrape time."""
-        db = backend.node.ledger.db
         holds_open, tokens_held = backend.meter.totals()
         self.holds_open.set(holds_open)
         self.tokens_held.set(tokens_held)
-        has_outbox = await db.fetch_all(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
-        )
-        backlog = failed = 0  # a node with no key has no outbox table: nothing of ours to publish
-        if has_outbox:
-            rows = await db.fetch_all(
-                "SELECT COUNT(*) FILTER (WHERE status = 'pending'), "
-                "COUNT(*) FILTER (WHERE status = 'failed') FROM outbox"
-            )
-            backlog, failed = int(rows[0][0]), int(rows[0][1])
+        backlog, failed = await backend.node.outbox_counts()
         self.outbox_backlog.set(backlog)
         self.outbox_failed.set(failed)
-        stored = await backend.node.ledger.store.max_position()
-        projected = await db.position()
-        self.ingest_lag.set(backend.node.ingest.queued_events + max(0, stored - projected))
+        self.ingest_lag.set(await backend.node.ingest_lag())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -37,10 +37,13 @@ class ControllerLoop:
         poll_s: float = 0.5,
         retry_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        on_retry: Callable[[str], None] = lambda error: None,
     ) -> None:
+        """`on_retry(error)`: work failed (its error's class name) and waits to be tried again."""
         self.handler = handler
         self.db = handler.projector.db
         self.poll_s, self.retry_s, self.clock = poll_s, retry_s, clock
+        self._on_retry = on_retry
         self._slots = asyncio.Semaphore(concurrency_max)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._retry_at: dict[str, float] = {}
@@ -101,9 +104,11 @@ class ControllerLoop:
         except DsproxyError as exc:  # the chain or the store is away: try again later
             log.warning("%s: %s; retrying in %.0f s", key, exc, self.retry_s)
             self._retry_at[key] = self.clock() + self.retry_s
-        except Exception:  # our bug: keep serving other users, retry this one much later
+            self._on_retry(type(exc).__name__)
+        except Exception as exc:  # our bug: keep serving other users, retry this one much later
             log.exception("%s failed unexpectedly; retrying in %.0f s", key, self.retry_s * 10)
             self._retry_at[key] = self.clock() + self.retry_s * 10
+            self._on_retry(type(exc).__name__)
         finally:
             self._inflight.pop(key, None)
 

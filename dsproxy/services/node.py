@@ -170,6 +170,24 @@ class Node:
             with contextlib.suppress(Exception):
                 await self.ledger.projector.catch_up()
 
+    async def outbox_counts(self) -> tuple[int, int]:
+        """Own events stored and not yet acknowledged, and those every relay refused for good
+        (a node with no key has no outbox: nothing of its own to publish)."""
+        db = self.ledger.db
+        if not await db.fetch_all("SELECT 1 FROM sqlite_master WHERE name = 'outbox'"):
+            return 0, 0
+        rows = await db.fetch_all(
+            "SELECT COUNT(*) FILTER (WHERE status = 'pending'), "
+            "COUNT(*) FILTER (WHERE status = 'failed') FROM outbox"
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def ingest_lag(self) -> int:
+        """Events received but not yet stored, plus stored but not yet projected."""
+        stored = await self.ledger.store.max_position()
+        projected = await self.ledger.db.position()
+        return self.ingest.queued_events + max(0, stored - projected)
+
     async def aclose(self) -> None:
         if self.publisher is not None:
             await self.publisher.close()

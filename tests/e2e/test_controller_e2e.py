@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from attrs import define
 from solders.keypair import Keypair
@@ -35,6 +36,7 @@ from tests.e2e.relay_process import (
     relay_process,  # noqa: F401
 )
 from tests.integration.recharge_fixtures import dapp_request
+from tests.integration.upstream_fixtures import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -57,8 +59,8 @@ class Deployment:
     address: Address
     logs: Path
 
-    def controller(self, *, crash_at: str = "") -> subprocess.Popen[bytes]:
-        env = {**os.environ, **self.env, "DSPROXY_CRASH_AT": crash_at}
+    def controller(self, *, crash_at: str = "", **settings: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **self.env, "DSPROXY_CRASH_AT": crash_at, **settings}
         with (self.logs / f"controller-{time.monotonic_ns()}.log").open("wb") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "dsproxy.entrypoints.cli", "--log-level", "INFO",
@@ -207,9 +209,20 @@ async def test_a_dapp_request_is_paid_and_credited_on_the_backend(
 ) -> None:
     user = await deployment.user()
     treasury_before = deployment.chain.get_balance(deployment.treasury.pubkey())
-    with running(deployment.controller()):
+    port = free_port()
+    with running(deployment.controller(DSPROXY_CONTROLLER_METRICS_PORT=str(port))):
         await deployment.publish(deployment.recharge_request(user, 0))
         await deployment.wait_for_balance(user, PAY_LAMPORTS)
+        # an operator sees it too (the controller had no metrics)
+        async with httpx.AsyncClient(timeout=WAIT_S_MAX) as http:
+            scraped = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    for line in (
+        'dsproxy_controller_requests{state="paid"} 1.0',
+        'dsproxy_controller_requests{state="new"} 0.0',
+        'dsproxy_controller_payments{state="credited"} 1.0',
+    ):
+        assert line in scraped.splitlines(), (line, scraped)
+    assert "dsproxy_outbox_backlog_events" in scraped
     assert deployment.chain.get_balance(deployment.treasury.pubkey()) - treasury_before == (
         PAY_LAMPORTS
     )

@@ -176,7 +176,10 @@ async def test_requests_that_keep_failing_do_not_hold_back_other_users(
     await controller.node.store.append_nostr([*failing, good])
     await controller.node.projector.catch_up()
     now = [0.0]
-    loop = ControllerLoop(controller.handler, concurrency_max=16, clock=lambda: now[0])
+    retried: list[str] = []  # what the controller's metrics count
+    loop = ControllerLoop(
+        controller.handler, concurrency_max=16, clock=lambda: now[0], on_retry=retried.append
+    )
     for _ in range(3):
         await loop.schedule()
         await loop.settle()
@@ -184,6 +187,7 @@ async def test_requests_that_keep_failing_do_not_hold_back_other_users(
     row = await RechargesProjection.request(controller.node.db, good.id)
     assert row is not None and row.state == "paid"
     assert await controller.balance(world.keys.user) == CREDIT
+    assert set(retried) == {"AccountDataInvalid"} and len(retried) >= len(failing)
     for event in failing[:3]:  # they are still tried: the chain or a fix may mend them
         row = await RechargesProjection.request(controller.node.db, event.id)
         assert row is not None and row.state == "new"
