@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 from dsproxy.adapters.listening import bind_port
+from dsproxy.entrypoints.node_metrics import NodeGauges
 from dsproxy.services.node import Node
 
 __all__ = ["ControllerMetrics", "serve_metrics"]
@@ -48,19 +49,7 @@ class ControllerMetrics:
             ["error"],
             registry=r,
         )
-        self.outbox_backlog = Gauge(
-            "dsproxy_outbox_backlog_events", "Own events stored, not yet acknowledged", registry=r
-        )
-        self.outbox_failed = Gauge(
-            "dsproxy_outbox_failed_events",
-            "Own events every relay refused for good, never published (`dsproxy outbox`)",
-            registry=r,
-        )
-        self.ingest_lag = Gauge(
-            "dsproxy_ingest_lag_events",
-            "Events received but not yet stored, plus stored but not yet projected",
-            registry=r,
-        )
+        self.node_gauges = NodeGauges(r)
 
     def retried(self, error: str) -> None:
         self.retries.labels(error=error).inc()
@@ -76,10 +65,7 @@ class ControllerMetrics:
             counts.update({str(state): int(count) for state, count in rows})
             for state, count in counts.items():
                 gauge.labels(state=state).set(count)
-        backlog, failed = await self.node.outbox_counts()
-        self.outbox_backlog.set(backlog)
-        self.outbox_failed.set(failed)
-        self.ingest_lag.set(await self.node.ingest_lag())
+        await self.node_gauges.refresh(self.node)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

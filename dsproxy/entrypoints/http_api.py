@@ -34,6 +34,7 @@ from dsproxy.domain.metering import (
     parse_model_numbers,
     parse_prices,
 )
+from dsproxy.entrypoints.node_metrics import NodeGauges
 from dsproxy.errors import (
     AuthenticationFailed,
     BadInput,
@@ -126,19 +127,7 @@ class Metrics:
         )
         self.holds_open = Gauge("dsproxy_holds_open", "Holds of chats in flight", registry=r)
         self.tokens_held = Gauge("dsproxy_tokens_held", "Tokens reserved by open holds", registry=r)
-        self.outbox_backlog = Gauge(
-            "dsproxy_outbox_backlog_events", "Own events stored, not yet acknowledged", registry=r
-        )
-        self.outbox_failed = Gauge(
-            "dsproxy_outbox_failed_events",
-            "Own events every relay refused for good, never published (`dsproxy outbox`)",
-            registry=r,
-        )
-        self.ingest_lag = Gauge(
-            "dsproxy_ingest_lag_events",
-            "Events received but not yet stored, plus stored but not yet projected",
-            registry=r,
-        )
+        self.node = NodeGauges(r)
 
     def upstream_latency(self, seconds: float) -> None:
         self.upstream_seconds.observe(seconds)
@@ -153,10 +142,7 @@ class Metrics:
         holds_open, tokens_held = backend.meter.totals()
         self.holds_open.set(holds_open)
         self.tokens_held.set(tokens_held)
-        backlog, failed = await backend.node.outbox_counts()
-        self.outbox_backlog.set(backlog)
-        self.outbox_failed.set(failed)
-        self.ingest_lag.set(await backend.node.ingest_lag())
+        await self.node.refresh(backend.node)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
