@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 DEBIT_BATCH_S = 0.25  # a user's charges settled within this long share one debit event
 SETTLE_RETRY_S_MIN, SETTLE_RETRY_S_MAX = 0.5, 30.0  # a delivered answer's charge, retried
+SETTLE_DRAIN_S = 30.0  # a stop waits this long for charges being written
 DEBIT_SKEW_S = 20  # equal debits of one user spread over this many past seconds (relays allow ~30)
 DEBIT_SECONDS_TRACKED_MAX = 100_000
 
@@ -147,6 +148,7 @@ class Meter:
         self._issue_wake: dict[str, asyncio.Event] = {}
         self._debit_batch_s = debit_batch_s
         self._flush = asyncio.Event()  # set while draining: issue without waiting for more
+        self._settling: set[asyncio.Task[Any]] = set()  # tasks writing a charge now
         projector.listeners.append(self)
 
     # --- what the projector tells us (FoldListener) ---
@@ -246,6 +248,15 @@ class Meter:
 
         `delivered`: the user has the answer already (a stream), so a write that fails is tried
         again until it lands, the hold kept meanwhile; otherwise it is not charged."""
+        settling = asyncio.current_task()
+        if settling is not None:  # a stop waits for it: its files stay open until it is written
+            self._settling.add(settling)
+        try:
+            return await self._settle(hold, usage, delivered)
+        finally:
+            self._settling.discard(settling)  # type: ignore[arg-type]
+
+    async def _settle(self, hold: OpenHold, usage: Usage, delivered: bool) -> Charge:
         tokens = debit_for(hold.price, usage, hold.tokens)
         if tokens == 0:
             return await self.release(hold, "nothing to charge")
@@ -392,7 +403,12 @@ class Meter:
         return None
 
     async def drain(self) -> None:
-        """Wait until every settled charge is issued, and the projection has folded it."""
+        """Wait for the charges being written (at most SETTLE_DRAIN_S: storage may be away),
+        then until every settled charge is issued, and the projection has folded it."""
+        if self._settling:
+            _, late = await asyncio.wait(set(self._settling), timeout=SETTLE_DRAIN_S)
+            if late:
+                log.error("stopping with %d charges not yet written: storage is away", len(late))
         self._flush.set()
         try:
             while self._issuers:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -765,6 +766,37 @@ async def test_a_streamed_answer_is_charged_once_storage_comes_back(
     finally:
         store.close()
     assert [(o.user, o.tokens_charged) for o in outcomes] == [(USER, charged)]  # type: ignore[attr-defined]
+
+
+async def test_a_stop_waits_for_a_charge_being_written(
+    node_env: dict[str, str], demo_url: str, tokenizer: Tokenizer
+) -> None:
+    """A stop closed the store under a streamed chat's charge that was still being written (the
+    store busy): the words delivered were never charged."""
+    env = backend_env(
+        node_env, demo_url, DSPROXY_STORE_LOCK_TIMEOUT_S="1", DSPROXY_SHUTDOWN_GRACE_S="0"
+    )  # no grace: the stop cancels the stream's handler, and its charge is written on its own
+    settings = load_settings(env)
+    content = "hi [[words:4]]"
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            session = await funded(http, settings, WALLET, 1_000)
+            other = sqlite3.connect(
+                settings.events_path, isolation_level=None, check_same_thread=False
+            )
+            other.execute("BEGIN IMMEDIATE")  # the store's writer now waits, then fails
+            chat = asyncio.create_task(post_chat(http, session, streamed_with_usage(content)))
+
+            async def failing() -> bool:
+                return (await http.get("/healthz")).status_code == 503
+
+            await eventually(failing, "the charge's write to fail once")
+            # the store comes back while the backend is stopping
+            threading.Timer(1.5, other.close).start()
+        # leaving the block stops the backend and waits for it
+    await asyncio.gather(chat, return_exceptions=True)
+    charged = expected_charge(tokenizer, content, "this is the dsproxy")
+    assert [tokens for _, tokens in read_debits(settings, USER)] == [-charged]
 
 
 async def test_models_lists_the_configured_models(sdk: openai.AsyncOpenAI) -> None:
