@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from attrs import define, evolve, frozen
-from eventsourcing.application import AggregateNotFoundError
 
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.holds_projection import open_holds, unissued_charges
@@ -312,9 +311,7 @@ class Meter:
     async def _recorded(self, outcome: HoldOutcome) -> bool:
         try:
             await self.store.aggregate(outcome.id)
-        except AggregateNotFoundError:
-            return False
-        except Exception:  # the store is still away: it did not land as far as we can tell
+        except Exception:  # not found, or the store is still away: not landed as far as we know
             return False
         return True
 

@@ -75,8 +75,12 @@ class ControllerLoop:
         untried = await RechargesProjection.new_requests(
             self.db, self._queue_len_max, leaving_out=[key[len(_REQUEST) :] for key in tried]
         )
-        retried = await RechargesProjection.new_requests(
-            self.db, len(due), only=[key[len(_REQUEST) :] for key in due]
+        retried = (
+            await RechargesProjection.new_requests(
+                self.db, len(due), only=[key[len(_REQUEST) :] for key in due]
+            )
+            if due
+            else []
         )
         for key in set(due) - {_REQUEST + row.request_id for row in retried}:
             del self._retry_at[key]  # answered meanwhile (by a restart, or another path)
