@@ -450,13 +450,16 @@ def _write_error(write: Write, cause: Exception, facts: int | None = None) -> St
     return error
 
 
-def _settle_future(done: asyncio.Future[AppendOutcome], outcome: AppendOutcome | Exception) -> None:
-    if done.cancelled():  # the caller stopped waiting; the write is recorded all the same
-        return
-    if isinstance(outcome, Exception):
-        done.set_exception(outcome)
-    else:
-        done.set_result(outcome)
+def _settle_futures(
+    settled: Sequence[tuple[asyncio.Future[AppendOutcome], AppendOutcome | Exception]],
+) -> None:
+    for done, outcome in settled:
+        if done.cancelled():  # the caller stopped waiting; the write is recorded all the same
+            continue
+        if isinstance(outcome, Exception):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)
 
 
 class AsyncEventStore:
@@ -466,6 +469,7 @@ class AsyncEventStore:
         self.sync = store
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-store")
         self._writes: deque[tuple[Write, asyncio.Future[AppendOutcome]]] = deque()
+        self._commit_scheduled = False  # a `_commit_queued` is submitted and has not started
 
     @classmethod
     def open(cls, path: Path, lock_timeout_s: int = 30) -> AsyncEventStore:
@@ -484,15 +488,24 @@ class AsyncEventStore:
         """As `EventStore.record`, committed (fsynced) with the writes queued beside it."""
         done: asyncio.Future[AppendOutcome] = asyncio.get_running_loop().create_future()
         self._writes.append((Write(tuple(events), aggregates, new_only), done))
-        self._thread.submit(self._commit_queued)
+        if not self._commit_scheduled:  # one already submitted will take this write too
+            self._commit_scheduled = True
+            self._thread.submit(self._commit_queued)
         return await done
 
     def _commit_queued(self) -> None:
-        """On the store thread: commit every write queued so far (the first call takes them
-        all; the calls queued behind it find nothing left)."""
+        """On the store thread: commit the writes queued so far, one batch per call (reads
+        submitted meanwhile go between batches), and wake their callers once per loop.
+
+        The flag is cleared before the queue is read: a write queued after that either is in
+        this batch or finds the flag down and submits another call."""
+        self._commit_scheduled = False
         batch = []
         while self._writes and len(batch) < WRITES_PER_COMMIT_MAX:
             batch.append(self._writes.popleft())
+        if self._writes and not self._commit_scheduled:  # more than a batch was queued
+            self._commit_scheduled = True
+            self._thread.submit(self._commit_queued)
         if not batch:
             return
         outcomes: list[AppendOutcome | StoreError]
@@ -500,8 +513,11 @@ class AsyncEventStore:
             outcomes = self.sync.record_all([write for write, _ in batch])
         except Exception as exc:  # a bug, not a refusal: every waiting caller must hear of it
             outcomes = [_write_error(write, exc) for write, _ in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         for (_, done), outcome in zip(batch, outcomes, strict=True):
-            done.get_loop().call_soon_threadsafe(_settle_future, done, outcome)
+            by_loop.setdefault(done.get_loop(), []).append((done, outcome))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_futures, settled)
 
     async def aggregate(self, aggregate_id: uuid.UUID) -> Aggregate:
         """Load an aggregate (a local fact's lifecycle) by its id."""

@@ -253,6 +253,39 @@ async def test_writes_queued_together_commit_together_and_fail_alone(
     await store.close()
 
 
+async def test_more_writes_than_one_commit_takes_all_land_in_order(
+    tmp_path: Path, address: Address
+) -> None:
+    """Writes queued while the file is locked are committed in batches of at most
+    WRITES_PER_COMMIT_MAX, one submitted call each, and a read asked for meanwhile is answered
+    between them: every write lands, in the order it was recorded."""
+    import asyncio
+    import sqlite3
+
+    from dsproxy.adapters.event_store import WRITES_PER_COMMIT_MAX
+
+    path = tmp_path / "events.sqlite"
+    store = AsyncEventStore.open(path)
+    await store.record([credit(address, USER, 1)])
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    first = asyncio.ensure_future(store.record([credit(address, USER, 2)]))
+    await asyncio.sleep(0.2)  # the store thread waits for the lock inside that commit
+    events = [credit(address, USER, n) for n in range(3, 3 + 2 * WRITES_PER_COMMIT_MAX + 5)]
+    queued = asyncio.gather(*(store.record([event]) for event in events))
+    read = asyncio.ensure_future(store.max_position())
+    await asyncio.sleep(0.05)
+    blocker.execute("COMMIT")
+    blocker.close()
+    await first
+    outcomes = await queued
+    assert 2 <= await read <= 2 + len(events)
+    assert [outcome.appended[0][1] for outcome in outcomes] == [event.id for event in events]
+    positions = [outcome.appended[0][0] for outcome in outcomes]
+    assert positions == list(range(3, 3 + len(events)))
+    await store.close()
+
+
 async def test_a_write_whose_caller_gave_up_is_still_recorded(
     tmp_path: Path, address: Address
 ) -> None:
