@@ -62,6 +62,9 @@ CHUNK_EVENTS = 256
 
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 FRESH_ANSWERS_AT_ONE_UNTIL_MAX = 3  # an honest relay repeats a query's second at most once
+ACK_GRACE_S = 0.5
+"""Once one relay has acknowledged an event, how long the others may still answer: a relay that
+never answers must not hold every publication back for its whole timeout."""
 HEARTBEAT_S = 30.0
 """aiohttp pings this often and drops a connection whose pong does not come back."""
 
@@ -281,6 +284,9 @@ class RelayConnection:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             await self.close()
             raise RelayUnavailable(f"cannot connect to {self.url}: {exc or 'no answer'}") from exc
+        except BaseException:  # cancelled (another relay answered first): leave no session open
+            await self.close()
+            raise
         self._reader = asyncio.create_task(self._read(self._socket), name=f"relay {self.url}")
 
     async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
@@ -327,8 +333,9 @@ class RelayConnection:
             elif subscription in self._pages:
                 self._pages[subscription].add(obj)
         elif kind == "OK" and len(message) >= 3:
+            # only `true` accepts: `"false"` is a truthy string, not an acknowledgement
             self._on_ok(
-                str(subscription), bool(message[2]), str(message[3]) if len(message) > 3 else ""
+                str(subscription), message[2] is True, str(message[3]) if len(message) > 3 else ""
             )
         elif kind == "EOSE" and subscription in self._pages:
             self._pages[subscription].end()
@@ -441,9 +448,12 @@ class RelayConnection:
         neither stores the event nor says why is refusing it (a transient rejection, so the
         outbox's budget bounds it); one that does not answer at all is unreachable."""
         try:
-            present = await self.fetch_page({"ids": [event.id]})
+            async with asyncio.timeout(2 * self.timeout_s):  # a trickle without EOSE never ends
+                present = await self.fetch_page({"ids": [event.id], "limit": 1})
         except RelayUnavailable as exc:
             return RelayResult(self.url, RelayAnswer.UNREACHABLE, f"no OK, then {exc}")
+        except TimeoutError:
+            return RelayResult(self.url, RelayAnswer.UNREACHABLE, "no OK, and no answer to a query")
         if any(obj.get("id") == event.id for obj in present):
             return RelayResult(self.url, RelayAnswer.ACCEPTED, "stored (its OK was lost)")
         # nostr-relay also throttles a connection harder after each refusal: start afresh.
@@ -556,8 +566,27 @@ class RelayPublisher:
             return await connection.publish(event)
 
     async def publish(self, event: NostrEvent) -> tuple[RelayResult, ...]:
-        """Send to all relays at once; each answer (or why there was none) per relay."""
-        return tuple(await asyncio.gather(*(self._publish_to(url, event) for url in self.urls)))
+        """Send to all relays at once; each answer (or why there was none) per relay. One
+        acknowledgement is enough: the others then have ACK_GRACE_S to answer, and a relay that
+        has not by then counts as unreachable."""
+        tasks = {asyncio.ensure_future(self._publish_to(url, event)): url for url in self.urls}
+        waiting = set(tasks)
+        try:
+            while waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if any(task.result().answer is RelayAnswer.ACCEPTED for task in done):
+                    if waiting:
+                        _, waiting = await asyncio.wait(waiting, timeout=ACK_GRACE_S)
+                    break
+        finally:
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        late = "no answer before another relay acknowledged it"
+        return tuple(
+            RelayResult(url, RelayAnswer.UNREACHABLE, late) if task.cancelled() else task.result()
+            for task, url in tasks.items()
+        )
 
     async def _holds(self, url: str, event_id: str) -> bool | None:
         async with self._locks[url]:

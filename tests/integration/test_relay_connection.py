@@ -195,3 +195,69 @@ async def test_an_unreachable_relay_is_reported_not_raised(address: Address) -> 
         await connection.open()
     with pytest.raises(RelayUnavailable, match="not a valid websocket URL"):
         await RelayConnection("http://127.0.0.1:1", timeout_s=2).open()
+
+
+async def test_an_ok_whose_flag_is_not_true_is_a_refusal(address: Address) -> None:
+    async def says_false_as_text(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "EVENT":
+            reply = ["OK", message[1]["id"], "false", "error: could not save"]
+            await ws.send_str(orjson.dumps(reply).decode())
+
+    event = seal(Transaction(USERS[0], 6), address, CONTROLLER_SECRET)
+    async with scripted_relay(says_false_as_text) as url, connected(url) as connection:
+        result = await connection.publish(event)
+    assert result.answer is RelayAnswer.REJECTED
+    assert result.reason == "error: could not save"
+
+
+async def test_one_acknowledgement_is_enough_and_a_silent_relay_holds_nothing_back(
+    address: Address,
+) -> None:
+    """A relay that takes events and never answers must not hold each publication for its
+    whole timeout once another relay has acknowledged it: it gets ACK_GRACE_S."""
+    from dsproxy.adapters.relay import RelayPublisher
+
+    async def accepts(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "EVENT":
+            await ws.send_str(orjson.dumps(["OK", message[1]["id"], True, ""]).decode())
+
+    async def never_answers(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        return None
+
+    timeout_s = 30.0
+    async with scripted_relay(accepts) as good, scripted_relay(never_answers) as silent:
+        publisher = RelayPublisher([silent, good], timeout_s=timeout_s)
+        try:
+            for tokens in (7, 8, 9):
+                event = seal(Transaction(USERS[0], tokens), address, CONTROLLER_SECRET)
+                async with asyncio.timeout(timeout_s / 2):  # never the silent relay's timeout
+                    results = await publisher.publish(event)
+                assert [r.answer for r in results] == [
+                    RelayAnswer.UNREACHABLE,
+                    RelayAnswer.ACCEPTED,
+                ], results
+                assert results[0].relay == silent
+                assert "another relay acknowledged" in results[0].reason
+        finally:
+            await publisher.close()
+
+
+async def test_a_relay_that_trickles_events_without_eose_is_not_waited_for_forever(
+    address: Address,
+) -> None:
+    """After a missing OK the relay is asked whether it has the event; one that answers with
+    an endless trickle and no EOSE is unreachable after twice the timeout, not waited on."""
+
+    async def trickles(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "REQ":
+            for tokens in range(10_000):
+                obj = credit(address, 1_000 + tokens)
+                await ws.send_str(orjson.dumps(["EVENT", message[1], obj]).decode())
+                await asyncio.sleep(0.05)
+
+    event = seal(Transaction(USERS[0], 10), address, CONTROLLER_SECRET)
+    async with scripted_relay(trickles) as url, connected(url, timeout_s=0.5) as connection:
+        async with asyncio.timeout(20):
+            result = await connection.publish(event)
+    assert result.answer is RelayAnswer.UNREACHABLE
+    assert "no answer to a query" in result.reason
