@@ -225,6 +225,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "relay_retry_ms_min": (_int_at_least(1), 200),
     "relay_retry_ms_max": (_int_at_least(1), 30_000),
     "publish_rejections_max": (_int_at_least(1), 20),
+    "publish_failed_retry_s": (_int_at_least(1), 300),
     "events_per_page_max": (_int_at_least(1), 5_000),
     "store_lock_timeout_s": (_int_at_least(1), 30),
 }
@@ -287,6 +288,7 @@ class Settings:
     relay_retry_ms_min: int
     relay_retry_ms_max: int
     publish_rejections_max: int
+    publish_failed_retry_s: int
     events_per_page_max: int
     store_lock_timeout_s: int
 

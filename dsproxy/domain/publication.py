@@ -12,7 +12,8 @@ in its place, never beside it. Anything else is transient: the outbox retries wi
 backoff, in order. A relay that is down, or says `rate-limited:` (it asks us to come back
 later), delays publication for as long as it lasts, and so does one relay refusing for good
 while another is down; every other refusal (`error:`, or a relay's own words without a prefix)
-is recorded with its reason and counts against a budget, after which the event fails.
+is recorded with its reason and counts against a budget, after which the event fails. A failed
+event is offered again now and then (the outbox); a relay that takes it then publishes it.
 """
 
 from __future__ import annotations

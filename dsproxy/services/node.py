@@ -97,6 +97,7 @@ class Node:
                 self.publisher,
                 limits=OutboxLimits(
                     rejections_max=settings.publish_rejections_max,
+                    failed_retry_s=settings.publish_failed_retry_s,
                     retry_ms_min=settings.relay_retry_ms_min,
                     retry_ms_max=settings.relay_retry_ms_max,
                 ),

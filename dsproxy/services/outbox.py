@@ -32,6 +32,7 @@ from dsproxy.domain.publication import (
     Failed,
     Outcome,
     Publication,
+    RelayAnswer,
     RelayResult,
     Replacement,
     RetryLater,
@@ -69,12 +70,13 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_by_status ON outbox (status, position);
 """
 _INSERT = "INSERT OR IGNORE INTO outbox (event_id, position, created_at, event) VALUES (?, ?, ?, ?)"
-# A fact only changes a pending row: a late transient rejection cannot undo an acknowledgement.
+# A fact changes a pending row (a late transient rejection cannot undo an acknowledgement); an
+# acknowledgement also a failed one (failed events are offered again).
 _RECORD = (
     "UPDATE outbox SET "
     "status = CASE WHEN ? = 'rejected' THEN 'pending' ELSE ? END, "
     "rejections = rejections + (? = 'rejected'), reason = ?, relays = ? "
-    "WHERE event_id = ? AND status = 'pending'"
+    "WHERE event_id = ? AND (status = 'pending' OR (status = 'failed' AND ? = 'acknowledged'))"
 )
 _REPLACE = (
     "UPDATE outbox SET status = 'replaced', reason = ? WHERE event_id = ? AND status = 'pending'"
@@ -114,7 +116,9 @@ class OutboxProjection:
                 fact: Any = record.fact
                 outcome = fact.outcome
                 relays = json.dumps(list(fact.relays))
-                updates.append((outcome, outcome, outcome, fact.reason, relays, fact.event_id))
+                updates.append(
+                    (outcome, outcome, outcome, fact.reason, relays, fact.event_id, outcome)
+                )
             elif isinstance(record.fact, Replacement.Recorded):
                 fact = record.fact
                 reason = f"replaced by {fact.replacement_id}: {fact.reason}"
@@ -135,13 +139,17 @@ class OutboxRow:
 
 
 async def list_outbox(
-    db: ProjectionDb, statuses: Sequence[str] = ("pending", "failed"), limit: int = 1_000
+    db: ProjectionDb,
+    statuses: Sequence[str] = ("pending", "failed"),
+    limit: int = 1_000,
+    after: int = 0,
 ) -> list[OutboxRow]:
-    """Rows in store order with one of these statuses."""
+    """Rows in store order with one of these statuses (after store position `after`)."""
     marks = ",".join("?" * len(statuses))
     rows = await db.fetch_all(
-        f"SELECT {_COLUMNS} FROM outbox WHERE status IN ({marks}) ORDER BY position LIMIT ?",
-        (*statuses, limit),
+        f"SELECT {_COLUMNS} FROM outbox WHERE status IN ({marks}) AND position > ? "
+        "ORDER BY position LIMIT ?",
+        (*statuses, after, limit),
     )
     return [OutboxRow(*row) for row in rows]
 
@@ -168,6 +176,7 @@ class OutboxLimits:
     retry_ms_min: int = 200
     retry_ms_max: int = 30_000
     idle_s: float = 0.25
+    failed_retry_s: float = 300.0  # failed events are offered again this often, once each
 
 
 @define
@@ -196,18 +205,53 @@ class Outbox:
         self.limits = limits
         self.resign, self.clock = resign, clock
         self.stats = OutboxStats()
+        self._failed_offered_to = 0  # the store position the last offer of failed events reached
 
     async def pending(self) -> list[OutboxRow]:
         return await list_outbox(self.projector.db, ("pending",), self.limits.page_max)
 
     async def run(self) -> None:
+        offered_failed_s = self.clock()
         while True:
             seen = await self.projector.db.position()
             rows = await self.pending()
             for row in rows:
                 await self.settle(row)
-            if not rows:
+            if self.clock() - offered_failed_s >= self.limits.failed_retry_s:
+                offered_failed_s = self.clock()
+                await self.offer_failed()
+            elif not rows:
                 await self._wait_for_change(seen)
+
+    async def offer_failed(self) -> int:
+        """Offer failed events once more, up to `page_max` a time, going round them all over
+        successive calls (a relay that refused for a while may take one now, or the relays were
+        changed); one acknowledged is published after all. Nothing is recorded for a refusal and
+        nothing is signed again; a round ends where no relay answers (an outage). How many were
+        acknowledged."""
+        db, page = self.projector.db, self.limits.page_max
+        rows = await list_outbox(db, ("failed",), page, after=self._failed_offered_to)
+        if not rows and self._failed_offered_to:  # round the end: start again from the oldest
+            rows = await list_outbox(db, ("failed",), page)
+        published = 0
+        for row in rows:
+            event = parse_event(row.event)
+            results = await self.publisher.publish(event)
+            self.stats.attempts += 1
+            if all(result.answer is RelayAnswer.UNREACHABLE for result in results):
+                break  # an outage: the next round starts with this event
+            self._failed_offered_to = row.position
+            decision = decide_publication(results, self.publisher.relays_total)
+            if isinstance(decision, Acknowledged):
+                await self.store.save(
+                    Publication.record(event.id, Outcome.ACKNOWLEDGED, decision.relays, "")
+                )
+                self.stats.acknowledged += 1
+                published += 1
+                log.warning("event %s, failed before, is published now", event.id)
+        if published:
+            await self.projector.catch_up()
+        return published
 
     async def _wait_for_change(self, seen: int) -> None:
         """Until the projection moves past `seen` (the wake-up is taken before the check, so a

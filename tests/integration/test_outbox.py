@@ -328,3 +328,39 @@ async def test_a_relay_that_will_not_say_whether_it_has_the_event_holds_nothing_
 
             await eventually(settled, "the stale event failed, the next one published")
         assert list(stored) == [later.id]
+
+
+async def test_an_event_failed_after_passing_refusals_is_published_once_a_relay_takes_it(
+    node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """A relay that says `error:` for a while (its database locked, say) used up an event's
+    rejection budget, and the event was failed for good: a credit the controller had counted
+    never reached the network. Failed events are offered again; once one is taken it is
+    published (and never signed again)."""
+    refusing = {"on": True}
+    stored: dict[str, dict[str, Any]] = {}
+
+    async def moody(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "EVENT":
+            event = message[1]
+            if refusing["on"]:
+                reply = ["OK", event["id"], False, "error: database is locked"]
+            else:
+                stored[event["id"]] = event
+                reply = ["OK", event["id"], True, ""]
+            await ws.send_str(orjson.dumps(reply).decode())
+        elif message[0] == "REQ":
+            await ws.send_str(orjson.dumps(["EOSE", message[1]]).decode())
+
+    async with scripted_relay(moody) as url:
+        settings = publishing_settings(node_settings, tmp_path, url).replace(
+            publish_rejections_max=2, publish_failed_retry_s=1
+        )
+        credit = seal(Transaction(USERS[0], 42), address, load_secret(settings.nostr_key_file))
+        async with running_node(settings) as node:
+            await node.append([credit])
+            await until_outbox_holds(node, ["failed"], "the credit failed after two refusals")
+            refusing["on"] = False
+            await until_outbox_holds(node, ["acknowledged"], "the failed credit published")
+            assert node.outbox is not None and node.outbox.stats.replaced == 0
+        assert list(stored) == [credit.id]
