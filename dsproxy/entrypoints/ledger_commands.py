@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dsproxy.adapters.data_dir_lock import exclusive_data_dir
 from dsproxy.adapters.event_store import AsyncEventStore
-from dsproxy.bootstrap import address, fact_projections, open_ledger, trust_policy
+from dsproxy.bootstrap import address, fact_projections, open_ledger, own_pubkey, trust_policy
 from dsproxy.config import Settings
 from dsproxy.domain.publication import Replacement
 from dsproxy.entrypoints import arguments
@@ -234,6 +234,7 @@ async def _fetch(settings: Settings, store_path: Path, url: str, since: int) -> 
                 limits=ingest_limits(settings),
                 progress=bar.update,
                 trusted=(*policy.controllers, *policy.backends),
+                own_pubkey=own_pubkey(settings),
             )
     finally:
         await store.close()

@@ -485,16 +485,7 @@ class Ingest:
     async def _acknowledge_own(
         self, admitted: Sequence[NostrEvent], appended: set[str], source: dict[str, str]
     ) -> None:
-        """Our own events that came back from a relay are published: tell the outbox."""
-        if self.own_pubkey is None:
-            return
-        facts = [
-            Publication.record(
-                event.id, Outcome.ACKNOWLEDGED, [source[event.id]], "received from relay"
-            )
-            for event in admitted
-            if event.pubkey == self.own_pubkey and event.id in appended
-        ]
+        facts = published_own(admitted, appended, self.own_pubkey, source.__getitem__)
         if facts:
             await self.store.save(*facts)
 
@@ -527,6 +518,26 @@ class Ingest:
         self._verifier.shutdown(wait=True)
 
 
+def published_own(
+    events: Sequence[NostrEvent],
+    appended: set[str],
+    own_pubkey: str | None,
+    relay_of: Callable[[str], str],
+) -> list[Publication]:
+    """Our own events newly stored from a relay are published (the relay has them): the facts
+    that tell the outbox so, or it would publish them again (and sign again those a relay
+    refuses for their age, which nodes that have the first would count twice)."""
+    if own_pubkey is None:
+        return []
+    return [
+        Publication.record(
+            event.id, Outcome.ACKNOWLEDGED, [relay_of(event.id)], "received from relay"
+        )
+        for event in events
+        if event.pubkey == own_pubkey and event.id in appended
+    ]
+
+
 @frozen
 class FetchReport:
     """What a one-off history fetch stored."""
@@ -546,9 +557,11 @@ async def fetch_into_store(
     limits: IngestLimits = IngestLimits(),
     progress: Callable[[int], None] | None = None,
     trusted: Sequence[str] = (),
+    own_pubkey: str | None = None,
 ) -> FetchReport:
     """Page the whole history of the session from one relay into the store (for `replay`):
-    the `trusted` keys' events first, then everyone's."""
+    the `trusted` keys' events first, then everyone's. Our own (`own_pubkey`'s) are recorded
+    as published: a restored node must not publish its whole history again."""
     connection = RelayConnection(url, timeout_s=limits.relay_timeout_s)
     await connection.open()
     received = appended = duplicates = 0
@@ -569,6 +582,10 @@ async def fetch_into_store(
                             refused[verdict.kind] += 1
                             log.warning("refused an event from %s: %s", url, verdict.reason)
                     outcome = await store.append_nostr(good)
+                    new = {event_id for _, event_id in outcome.appended}
+                    facts = published_own(good, new, own_pubkey, lambda _: url)
+                    if facts:
+                        await store.save(*facts)
                     received += len(verdicts)
                     appended += len(outcome.appended)
                     duplicates += len(outcome.duplicates)

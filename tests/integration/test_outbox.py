@@ -364,3 +364,37 @@ async def test_an_event_failed_after_passing_refusals_is_published_once_a_relay_
             await until_outbox_holds(node, ["acknowledged"], "the failed credit published")
             assert node.outbox is not None and node.outbox.stats.replaced == 0
         assert list(stored) == [credit.id]
+
+
+async def test_a_node_restored_from_a_relay_does_not_publish_its_history_again(
+    local_relay: str, node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """`replay --from-relay` into a new data directory stored the node's own events with no
+    word of their publication: the outbox published the whole history again, and signed
+    again those a relay refused for their age (which nodes holding the first count twice)."""
+    from dsproxy.bootstrap import own_pubkey
+    from dsproxy.services.ingest import fetch_into_store
+
+    settings = publishing_settings(node_settings, tmp_path, local_relay)
+    events = credits(load_secret(settings.nostr_key_file), address, 5, per_second=5)
+    async with running_node(settings) as node:
+        await node.append(events)
+
+        async def published() -> bool:
+            return await acknowledged(node) == 5
+
+        await eventually(published, "5 acknowledgements")
+
+    restored = settings.replace(data_dir=tmp_path / "restored")
+    store = AsyncEventStore.open(restored.events_path)
+    try:
+        report = await fetch_into_store(
+            local_relay, store, address, own_pubkey=own_pubkey(restored)
+        )
+    finally:
+        await store.close()
+    assert report.appended == 5
+    async with running_node(restored) as node:
+        await until_outbox_holds(node, ["acknowledged"] * 5, "the restored history folded")
+        assert await balances(node) == totals(events)
+        assert node.outbox is not None and node.outbox.stats.attempts == 0
