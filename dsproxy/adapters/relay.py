@@ -433,10 +433,16 @@ class RelayConnection:
         try:
             try:
                 await self._send(["EVENT", event.to_obj()])
+            except RelayUnavailable as exc:
+                return RelayResult(self.url, RelayAnswer.UNREACHABLE, str(exc))
+            try:
                 async with asyncio.timeout(self.timeout_s):
                     accepted, reason = await answer
             except RelayUnavailable as exc:
-                return RelayResult(self.url, RelayAnswer.UNREACHABLE, str(exc))
+                # lost with this event in flight: a refusal (counted), so a relay that drops
+                # the connection on this one event cannot hold every later event back for good
+                lost = f"dropped: the connection was lost waiting for its OK ({exc})"
+                return RelayResult(self.url, RelayAnswer.REJECTED, lost)
             except TimeoutError:
                 return await self._after_silence(event)
             return answer_of(self.url, accepted, reason)

@@ -398,3 +398,39 @@ async def test_a_node_restored_from_a_relay_does_not_publish_its_history_again(
         await until_outbox_holds(node, ["acknowledged"] * 5, "the restored history folded")
         assert await balances(node) == totals(events)
         assert node.outbox is not None and node.outbox.stats.attempts == 0
+
+
+async def test_an_event_a_relay_drops_the_connection_on_does_not_hold_back_the_next(
+    node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """A relay that closes the socket whenever it is sent one particular event: that was an
+    outage, never counted, and every later event waited behind it for good."""
+    stored: dict[str, dict[str, Any]] = {}
+    poison: dict[str, str] = {}
+
+    async def drops_on_one(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "EVENT":
+            event = message[1]
+            if event["id"] == poison.get("id"):
+                await ws.close()
+                return
+            stored[event["id"]] = event
+            await ws.send_str(orjson.dumps(["OK", event["id"], True, ""]).decode())
+        elif message[0] == "REQ":
+            await ws.send_str(orjson.dumps(["EOSE", message[1]]).decode())
+
+    async with scripted_relay(drops_on_one) as url:
+        settings = publishing_settings(node_settings, tmp_path, url).replace(
+            publish_rejections_max=2
+        )
+        secret = load_secret(settings.nostr_key_file)
+        bad, good = (seal(Transaction(USERS[0], t), address, secret) for t in (13, 14))
+        poison["id"] = bad.id
+        async with running_node(settings) as node:
+            await node.append([bad, good])
+
+            async def settled() -> bool:
+                return await outbox_rows(node) == {bad.id: "failed", good.id: "acknowledged"}
+
+            await eventually(settled, "the dropped event failed, the next one published")
+        assert list(stored) == [good.id]
