@@ -45,7 +45,8 @@ def create_key_file(path: Path) -> str:
     """Write a new secret key to `path` (never overwriting) and return its public key (hex)."""
     secret_hex = nostr_sdk.Keys.generate().secret_key().to_hex()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # a directory made for a key is its owner's only: it becomes a data directory too
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         if path.exists():

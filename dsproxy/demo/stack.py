@@ -27,7 +27,7 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from dsproxy.adapters.balance_payment import BalancePayment
-from dsproxy.adapters.data_dir_lock import make_data_dir
+from dsproxy.adapters.data_dir_lock import exclusive_data_dir, make_data_dir
 from dsproxy.adapters.listening import bind_port
 from dsproxy.adapters.node_keys import create_key_file, load_secret
 from dsproxy.adapters.projection_db import ProjectionDb
@@ -322,6 +322,7 @@ async def start_controller(
     exits: contextlib.AsyncExitStack, settings: Settings, bot: Keypair
 ) -> tuple[Node, list[asyncio.Task[Any]]]:
     """A controller as `dsproxy controller` builds one: node, chain client, handler, loop."""
+    exits.enter_context(exclusive_data_dir(settings.data_dir, "dsproxy demo's controller"))
     node = await Node.open(settings, untrusted_too=True)  # users' Requests
     exits.push_async_callback(node.aclose)
     rpc = await exits.enter_async_context(
@@ -351,6 +352,7 @@ async def start_backend(
     exits: contextlib.AsyncExitStack, settings: Settings, sock: socket.socket
 ) -> tuple[Backend, list[asyncio.Task[Any]]]:
     """The backend as `dsproxy serve` builds it: the node and the HTTP API on `sock`."""
+    exits.enter_context(exclusive_data_dir(settings.data_dir, "dsproxy demo's backend"))
     backend = await open_backend(settings)
     exits.push_async_callback(close_backend, backend)
     stop = asyncio.Event()

@@ -131,6 +131,13 @@ def test_demo_recharges_serves_the_openai_sdk_charges_usage_and_stops_on_sigint(
         root = tmp_path / "demo"  # conversations and keys: the owner's only
         for directory in (root, root / "controller", root / "backend"):
             assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+        for role in ("controller", "backend"):  # held as a service holds its directory
+            replay = subprocess.run(
+                [sys.executable, "-m", "dsproxy.entrypoints.cli", "--data-dir",
+                 str(root / role), "replay"],
+                capture_output=True, text=True, timeout=START_S_MAX,
+            )  # fmt: skip
+            assert replay.returncode == 2 and "in use by dsproxy demo" in replay.stderr, replay
         before = demo.balance()
         assert before["balance"] > 0 and before["held"] == 0
 

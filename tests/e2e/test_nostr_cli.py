@@ -50,6 +50,7 @@ def test_keygen_writes_a_private_key_file_and_prints_its_public_key(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip()) == 64
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700  # a data directory to be
     again = dsproxy({"DSPROXY_DATA_DIR": str(tmp_path / "data")}, "keygen", str(path))
     assert again.returncode == 2
     assert "not overwriting" in again.stderr
