@@ -203,7 +203,10 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "http_host": (_text, "127.0.0.1"),
     "http_port": (_int_between(0, 65_535), 8080),
     "shutdown_grace_s": (_int_between(0, 3_600), 25),
-    "public_url": (lambda raw, key: _optional_text(raw, key).rstrip("/"), ""),
+    "public_url": (
+        lambda raw, key: http_url(raw, key).rstrip("/") if _optional_text(raw, key) else "",
+        "",
+    ),
     "models": (_text_list, "deepseek-chat,deepseek-reasoner"),
     "model_aliases": (_text_list, ""),
     "prices": (_text_list, ""),

@@ -46,6 +46,8 @@ __all__ = ["add_commands", "build_app", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # every interface: no address of ours
+
 
 def build_app(backend: Backend) -> ASGIApp:
     """The ASGI app of one backend: every route, OpenAI-shaped errors, request metrics."""
@@ -127,6 +129,15 @@ async def serve(
     sock = bind_port(  # first: a busy port is a clear error before anything is opened
         settings.http_host, settings.http_port, hint="pick another with DSPROXY_HTTP_PORT"
     )
+    if not settings.public_url:  # login messages name this server: the port it really has
+        settings = settings.replace(http_port=sock.getsockname()[1])
+        if settings.http_host in WILDCARD_HOSTS:
+            log.warning(
+                "DSPROXY_PUBLIC_URL is not set: login messages name http://%s:%d, an address "
+                "users cannot recognise; set it to the URL they reach this server at",
+                settings.http_host,
+                settings.http_port,
+            )
     try:
         backend = await open_backend(settings)
     except BaseException:

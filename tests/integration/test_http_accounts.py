@@ -110,6 +110,19 @@ async def test_an_expired_challenge_is_refused(node_env: dict[str, str], demo_ur
             assert "expired" in response.json()["error"]["message"]
 
 
+async def test_without_a_public_url_a_challenge_names_the_port_the_server_has(
+    node_env: dict[str, str], demo_url: str
+) -> None:
+    """On port 0 (any free port) login messages named port 0: no address of this server."""
+    settings = load_settings(backend_env(node_env, demo_url, DSPROXY_PUBLIC_URL=""))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            message = await challenge(http, WALLET)
+            assert message.startswith(f"{base} wants you to sign in"), message
+            response = await try_login(http, message, sign(WALLET, message))
+            assert response.status_code == 200
+
+
 @pytest.mark.parametrize("user", ["not-base58!", "", 42])
 async def test_a_bad_user_key_is_refused(client: httpx.AsyncClient, user: object) -> None:
     response = await client.post("/v1/auth/challenge", json={"user_pubkey": user})

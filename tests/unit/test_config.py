@@ -23,7 +23,9 @@ def test_relays_are_ws_or_wss_urls_with_a_host() -> None:
     assert settings.relays == ("wss://relay.example", "ws://[::1]:7000/")
 
 
-@pytest.mark.parametrize("name", ["DSPROXY_UPSTREAM_URL", "DSPROXY_SOLANA_RPC_URL"])
+@pytest.mark.parametrize(
+    "name", ["DSPROXY_UPSTREAM_URL", "DSPROXY_SOLANA_RPC_URL", "DSPROXY_PUBLIC_URL"]
+)
 @pytest.mark.parametrize(
     "url", ["http://[::1", "ftp://model.example", "model.example/v1", "http://"]
 )
@@ -38,3 +40,10 @@ def test_an_http_url_that_is_not_one_is_refused_at_start_up(name: str, url: str)
 def test_http_urls_with_a_host_are_taken() -> None:
     settings = load_settings({"DSPROXY_UPSTREAM_URL": "http://[::1]:9000/v1"})
     assert settings.upstream_url == "http://[::1]:9000/v1"
+
+
+def test_a_public_url_is_optional_and_kept_without_its_trailing_slash() -> None:
+    assert load_settings({}).public_url == ""
+    assert load_settings({"DSPROXY_PUBLIC_URL": "https://chat.example/"}).public_url == (
+        "https://chat.example"
+    )
