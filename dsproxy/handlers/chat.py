@@ -72,7 +72,6 @@ DEBIT_BATCH_S = 0.25  # a user's charges settled within this long share one debi
 SETTLE_RETRY_S_MIN, SETTLE_RETRY_S_MAX = 0.5, 30.0  # a delivered answer's charge, retried
 SETTLE_DRAIN_S = 30.0  # a stop waits this long for charges being written
 DEBIT_SKEW_S = 20  # equal debits of one user spread over this many past seconds (relays allow ~30)
-DEBIT_SECONDS_TRACKED_MAX = 100_000
 
 
 NO_USAGE = Usage(0, 0)
@@ -142,7 +141,9 @@ class Meter:
         self._books_idle_max = books_idle_max
         self._stale: set[str] = set()  # balances another process may have moved
         self._folded_to = 0  # the position every book's balance is true at
+        # the `created_at` each (user, tokens) debit used lately, and when each was taken
         self._debit_seconds: dict[tuple[str, int], set[int]] = {}
+        self._debit_seconds_taken: deque[tuple[int, tuple[str, int]]] = deque()
         self._issuers: dict[str, asyncio.Task[None]] = {}
         self._issue_wake: dict[str, asyncio.Event] = {}
         self._debit_batch_s = debit_batch_s
@@ -380,16 +381,14 @@ class Meter:
         already has (signed by an earlier run).
         """
         now = int(time.time())
-        used = self._debit_seconds.setdefault((user, tokens), set())
-        used.difference_update([t for t in used if t < now - 2 * DEBIT_SKEW_S])
-        if len(self._debit_seconds) > DEBIT_SECONDS_TRACKED_MAX:
-            self._debit_seconds = {
-                key: value for key, value in self._debit_seconds.items() if value
-            }
+        self._forget_debit_seconds(now - 2 * DEBIT_SKEW_S)
+        key = (user, tokens)
+        used = self._debit_seconds.setdefault(key, set())
         for created_at in (now - offset for offset in (*range(DEBIT_SKEW_S), -1, -2)):
             if created_at in used:
                 continue
             used.add(created_at)
+            self._debit_seconds_taken.append((created_at, key))
             event = seal(Transaction(user, -tokens), self.address, self._secret_hex, created_at)
             fact = DebitIssued.issue(user, tokens, event.id, event.to_json(), chat_ids)
             try:
@@ -398,6 +397,18 @@ class Meter:
                 continue
             return outcome.appended[0][0]
         return None
+
+    def _forget_debit_seconds(self, horizon: int) -> None:
+        """Forget seconds taken before `horizon` (no relay takes a debit that old), in the
+        order they were taken: the table holds only the last minute's debits, at O(1) each."""
+        taken = self._debit_seconds_taken
+        while taken and taken[0][0] < horizon:
+            second, key = taken.popleft()
+            used = self._debit_seconds.get(key)
+            if used is not None:
+                used.discard(second)
+                if not used:
+                    del self._debit_seconds[key]
 
     async def drain(self) -> None:
         """Wait for the charges being written (at most SETTLE_DRAIN_S: storage may be away),

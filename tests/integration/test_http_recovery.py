@@ -148,3 +148,31 @@ async def test_a_backend_whose_own_key_is_not_trusted_refuses_to_start(
     with pytest.raises(ConfigError, match="not in DSPROXY_TRUSTED_BACKENDS"):
         await open_backend(settings)
     assert not (settings.data_dir / "backend.sqlite").exists()  # nothing opened
+
+
+async def test_the_seconds_debits_took_are_forgotten_once_no_relay_would_take_them(
+    node_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each (user, amount) pair's `created_at`s were kept for good, and past 100,000 pairs every
+    debit rebuilt the whole table on the event loop (a long-running backend slowed 3.6x)."""
+    import time
+    import types
+
+    from dsproxy.handlers import chat
+
+    clock = [1_800_000_000.0]
+    fake_time = types.SimpleNamespace(
+        time=lambda: clock[0], perf_counter=time.perf_counter, monotonic=time.monotonic
+    )
+    monkeypatch.setattr(chat, "time", fake_time)
+    settings = settings_for(node_env)
+    backend = await open_backend(settings)
+    try:
+        for tokens in range(1, 301):  # a new amount every 2 s, for 10 minutes
+            assert await backend.meter._record_debit(USER, tokens, [f"c{tokens}"]) is not None
+            clock[0] += 2
+        remembered = backend.meter._debit_seconds
+        assert len(remembered) <= 3 * chat.DEBIT_SKEW_S, len(remembered)  # the last minute's
+        assert (USER, 1) not in remembered and (USER, 300) in remembered
+    finally:
+        await close_backend(backend)
