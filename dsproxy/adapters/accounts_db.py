@@ -57,6 +57,7 @@ CHALLENGES_MAX = 100_000  # outstanding; expired ones are pruned, then the oldes
 SESSIONS_PER_USER_MAX = 20  # live logins of one user; past it, a new one ends the first to expire
 API_KEYS_ACTIVE_MAX = 100  # a user's unrevoked keys
 API_KEYS_REVOKED_KEPT = 100  # a user's newest revoked keys, listed; older ones are deleted
+CONVERSATIONS_PER_USER_MAX = 10_000  # creating one is free: a user cannot fill the disk with them
 
 
 @frozen
@@ -271,13 +272,25 @@ class AccountsDb:
 
     async def add_conversation(
         self, user: str, title: str, model: str, now: int
-    ) -> ConversationRow:
+    ) -> ConversationRow | None:
+        """A new conversation, or None if the user has CONVERSATIONS_PER_USER_MAX already (one
+        statement: racing requests cannot pass the count together)."""
         row = ConversationRow(str(uuid.uuid4()), user, title, model, now, now)
-        await self._write(
-            "INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
-            (row.id, row.user, row.title, row.model, row.created_at, row.updated_at),
+        added = await self._write(
+            "INSERT INTO conversations SELECT ?, ?, ?, ?, ?, ? "
+            "WHERE (SELECT COUNT(*) FROM conversations WHERE user = ?) < ?",
+            (
+                row.id,
+                row.user,
+                row.title,
+                row.model,
+                row.created_at,
+                row.updated_at,
+                user,
+                CONVERSATIONS_PER_USER_MAX,
+            ),
         )
-        return row
+        return row if added == 1 else None
 
     async def conversations(
         self, user: str, limit: int, after: ConversationRow | None = None

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dsproxy.adapters.accounts_db import ConversationRow, MessageRow
+from dsproxy.adapters.accounts_db import CONVERSATIONS_PER_USER_MAX, ConversationRow, MessageRow
 from dsproxy.adapters.tokenizer import TEMPLATE_TOKENS_PER_PROMPT
 from dsproxy.adapters.upstream import StreamChunk
 from dsproxy.domain.metering import trim_to_window
@@ -120,7 +120,9 @@ def routes(backend: Backend) -> list[Route]:
     settings, catalog = backend.settings, backend.catalog
 
     async def create_conversation(request: Request) -> Response:
+        """Free, so under the user's request limits and a cap on how many one user keeps."""
         user = await authenticate(request, backend)
+        backend.limits.admit(user).done()
         body = await read_json(request, 4_096)
         if body is None:
             body = {}
@@ -137,6 +139,12 @@ def routes(backend: Backend) -> list[Route]:
         if model is None:
             raise InvalidParameter(f"no model {asked!r}", param="model", code="model_not_found")
         row = await backend.accounts.add_conversation(user, title, model, now_s())
+        if row is None:
+            raise InvalidParameter(
+                f"a user may have at most {CONVERSATIONS_PER_USER_MAX} conversations",
+                param="title",
+                code="conversation_limit_reached",
+            )
         return json_response(_conversation_json(row), 201)
 
     async def list_conversations(request: Request) -> Response:

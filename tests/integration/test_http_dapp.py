@@ -182,6 +182,28 @@ async def test_conversations_are_listed_in_pages(
     assert refused.status_code == 404
 
 
+async def test_conversations_are_made_within_the_users_limits(
+    node_env: dict[str, str], demo_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making a conversation is free: any user logged in (no balance needed) made 5,000 in 8 s,
+    past the per-minute limit, each a row on the server's disk."""
+    from dsproxy.adapters import accounts_db
+
+    monkeypatch.setattr(accounts_db, "CONVERSATIONS_PER_USER_MAX", 3)
+    settings = load_settings(backend_env(node_env, demo_url, DSPROXY_REQUESTS_PER_MINUTE_MAX="4"))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            owner = await funded(http, settings, WALLET, 0)
+            made = [await new_conversation(http, owner) for _ in range(3)]
+            capped = await http.post("/conversations", json={}, headers=bearer(owner))
+            assert capped.status_code == 400, capped.text
+            assert capped.json()["code"] == "conversation_limit_reached"
+            limited = await http.post("/conversations", json={}, headers=bearer(owner))
+            assert limited.status_code == 429, limited.text
+            listed = (await http.get("/conversations", headers=bearer(owner))).json()
+            assert sorted(c["id"] for c in listed) == sorted(made)
+
+
 async def test_the_dapps_model_names_are_served_by_the_models_they_alias(
     node_env: dict[str, str], demo_url: str, demo_model: DemoModel
 ) -> None:
