@@ -89,6 +89,7 @@ _ROUTES_COUNTED = frozenset(
         "/v1/api-keys",
         "/v1/auth/challenge",
         "/v1/auth/login",
+        "/v1/auth/logout",
         "/user",
         "/user/login",
         "/user/challenge",
@@ -162,6 +163,8 @@ class CountRequests:
         route = path if path in _ROUTES_COUNTED else "other"
         if path.startswith("/v1/api-keys/"):
             route = "/v1/api-keys/{id}"
+        elif path.startswith("/v1/models/"):
+            route = "/v1/models/{name}"
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -670,6 +670,8 @@ async def test_metrics_count_what_happened(
 ) -> None:
     body = {"model": "deepseek-chat", "messages": messages("hi [[words:3]]")}
     assert (await post_chat(client, token, body)).status_code == 200
+    model = await client.get("/v1/models/deepseek-chat", headers=bearer(token))
+    assert model.status_code == 200
     charged = expected_charge(tokenizer, "hi [[words:3]]", "this is the")
     await issued_debits(backend_settings, USER, charged)  # signed and stored: now in the outbox
     text = (await client.get("/metrics")).text
@@ -680,6 +682,7 @@ async def test_metrics_count_what_happened(
     }
     assert values['dsproxy_tokens_total{kind="charged",model="deepseek-chat"}'] == charged
     assert values['dsproxy_requests_total{route="/v1/chat/completions",status="200"}'] == 1
+    assert values['dsproxy_requests_total{route="/v1/models/{name}",status="200"}'] == 1
     assert values["dsproxy_holds_open"] == values["dsproxy_tokens_held"] == 0
     assert values["dsproxy_outbox_backlog_events"] == 1  # its debit waits: no relay here
     assert values["dsproxy_outbox_failed_events"] == 0
