@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 from attrs import define
 from solders.pubkey import Pubkey
 
@@ -13,6 +15,7 @@ from dsproxy.adapters.node_keys import load_secret
 from dsproxy.adapters.projection_db import ProjectionDb
 from dsproxy.adapters.recharges_projection import RechargesProjection
 from dsproxy.config import Settings
+from dsproxy.errors import ConfigError
 from dsproxy.services.outbox import OutboxProjection
 from dsproxy.services.projector import FactProjection, Projector, open_projection
 from dsproxy.wire.envelope import Address
@@ -84,11 +87,27 @@ class LedgerNode:
         await self.store.close()
 
 
-async def open_ledger(settings: Settings) -> LedgerNode:
-    """Open the event store and the projection (with every fact projection) under the policy."""
+def _no_rebuild(settings: Settings) -> AbstractContextManager[object]:
+    raise ConfigError(
+        f"the projection in {settings.data_dir} was built under other settings (trusted keys, "
+        "node key, content limit) than this command's: give it the service's configuration "
+        "(--config), or rebuild it under these with `dsproxy replay`"
+    )
+
+
+async def open_ledger(settings: Settings, *, rebuild: bool = True) -> LedgerNode:
+    """Open the event store and the projection (with every fact projection) under the policy.
+
+    A projection built under other settings is rebuilt (a service given new trusted keys), or
+    with `rebuild=False` (a command that only reads) refused: a forgotten `--config` must not
+    read as balance 0, nor rewrite the file."""
     policy = trust_policy(settings)
     extensions = fact_projections(settings)
     store = AsyncEventStore.open(settings.events_path, settings.store_lock_timeout_s)
+    what = (
+        "the projection was built under other settings (trusted keys, node key, content limit) "
+        "than this command's, and its rebuild"
+    )
     try:
         db = await open_projection(
             store,
@@ -96,10 +115,10 @@ async def open_ledger(settings: Settings) -> LedgerNode:
             policy,
             settings.content_bytes_max,
             extensions,
-            exclusive=lambda: while_no_other_process_runs(
-                settings.data_dir,
-                "the projection was built under other settings (trusted keys, node key, content "
-                "limit) than this command's, and its rebuild",
+            exclusive=lambda: (
+                while_no_other_process_runs(settings.data_dir, what)
+                if rebuild
+                else _no_rebuild(settings)
             ),
         )
     except BaseException:

@@ -54,7 +54,7 @@ def run_controller(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _status(settings: Settings, limit: int, as_json: bool) -> int:
-    node = await open_ledger(settings)
+    node = await open_ledger(settings, rebuild=False)
     try:
         await node.projector.catch_up()
         payments = await RechargesProjection.recent_payments(node.db, limit)

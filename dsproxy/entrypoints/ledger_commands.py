@@ -282,7 +282,7 @@ def run_balance(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _balance(user: str, as_json: bool, limit: int, settings: Settings) -> int:
-    node = await open_ledger(settings)
+    node = await open_ledger(settings, rebuild=False)
     try:
         await node.projector.catch_up()
         account = await node.db.account(user)

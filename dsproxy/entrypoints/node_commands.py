@@ -78,7 +78,7 @@ def run_outbox(args: argparse.Namespace, settings: Settings) -> int:
 async def _outbox(settings: Settings, as_json: bool, limit: int) -> int:
     if settings.nostr_key_file is None:  # the outbox holds the events of this node's key
         raise ConfigError("DSPROXY_NOSTR_KEY_FILE is not set: the outbox is that key's events")
-    node = await Node.open(settings)
+    node = await Node.open(settings, rebuild=False)
     try:
         await node.ledger.projector.catch_up()
         rows = await list_outbox(node.ledger.db, ("pending", "failed"), limit)

@@ -108,13 +108,15 @@ class Node:
         )
 
     @classmethod
-    async def open(cls, settings: Settings, *, untrusted_too: bool = False) -> Node:
+    async def open(
+        cls, settings: Settings, *, untrusted_too: bool = False, rebuild: bool = True
+    ) -> Node:
         """Open the store, the projection (every fact projection) and the checkpoints.
 
         A node receives the events of the keys it trusts; `untrusted_too` also those of anyone
         else (a controller needs users' Requests)."""
         author = own_pubkey(settings)
-        ledger = await open_ledger(settings)
+        ledger = await open_ledger(settings, rebuild=rebuild)
         try:
             checkpoints = await CheckpointDb.open(settings.data_dir / "checkpoints.sqlite")
         except BaseException:  # what is open would keep the process from exiting

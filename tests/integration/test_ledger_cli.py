@@ -393,21 +393,25 @@ def test_one_service_per_data_directory(node_env: dict[str, str], data_dir: Path
             assert f"is in use by dsproxy node (pid {first.pid})" in result.stderr
         assert dsproxy(node_env, "balance", ALICE).returncode == 0
         # a reading command under other settings once rebuilt the projection and swapped its
-        # file under the node, which went on writing to the old, deleted one
+        # file under the node, which went on writing to the old, deleted one; and with nobody
+        # running, a forgotten --config read as balance 0: it reads nothing and says why
         projection = load_settings(node_env).projection_path
         built = projection.stat().st_ino
         for other in ({"DSPROXY_TRUSTED_BACKENDS": ""}, {"DSPROXY_CONTENT_BYTES_MAX": "256"}):
             result = dsproxy({**node_env, **other}, "balance", ALICE)
             assert result.returncode == 2, (other, result.stderr)
-            assert "built under other settings" in result.stderr
-            assert f"in use by dsproxy node (pid {first.pid})" in result.stderr
+            assert "built under other settings" in result.stderr and "--config" in result.stderr
             assert projection.stat().st_ino == built
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(60) == 0
     assert dsproxy(node_env, "replay").returncode == 0  # the lock went with the process
+    replayed = projection.stat().st_ino
     changed = {**node_env, "DSPROXY_CONTENT_BYTES_MAX": "256"}
-    assert dsproxy(changed, "balance", ALICE).returncode == 0  # rebuilt: nobody runs on it
+    assert dsproxy(changed, "balance", ALICE).returncode == 2  # reads nothing under these
+    assert projection.stat().st_ino == replayed
+    assert dsproxy(changed, "replay").returncode == 0  # rebuilt under them: nobody runs on it
+    assert dsproxy(changed, "balance", ALICE).returncode == 0
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700  # conversations are its owner's
 
 
