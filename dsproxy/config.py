@@ -350,6 +350,12 @@ def load_settings(
         else:
             raw, key = default, env_key
         values[name] = parse(raw, key)
+    if values["relay_retry_ms_min"] > values["relay_retry_ms_max"]:
+        raise ConfigError(
+            f"relay_retry_ms_min ({values['relay_retry_ms_min']}) is more than relay_retry_ms_max "
+            f"({values['relay_retry_ms_max']}): the backoff starts at the first and stops at the "
+            "second"
+        )
     credit = values["pay_amount_lamports"] * values["tokens_per_lamport"]
     if credit > CREDIT_TOKENS_MAX:  # past 2^63 every node would refuse a credit, or the sum of
         # a user's credits, and the user would pay for nothing; past 2^53 the dApp misreads it

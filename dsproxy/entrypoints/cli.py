@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML config file (or DSPROXY_CONFIG)")
     parser.add_argument("--data-dir", type=Path, help="data directory (or DSPROXY_DATA_DIR)")
     parser.add_argument(
-        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default="WARNING",
+        type=str.upper,  # `debug` as well as `DEBUG`
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _COMMAND_MODULES:

@@ -60,7 +60,7 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument(
         "--since",
         type=arguments.unix_time,
-        default=0,
+        default=None,
         metavar="T",
         help="with --from-relay: from created_at T",
     )
@@ -175,6 +175,9 @@ def _write_events(store: AsyncEventStore, handle: Any) -> int:
 def run_replay(args: argparse.Namespace, settings: Settings) -> int:
     # A batch job that allocates millions of short-lived acyclic objects: collect the young
     # generation far less often (faster), but do collect (asyncio leaves cycles behind).
+    if args.since is not None and args.from_relay is None:
+        raise BadInput("--since is a point in the relay's history: use it with --from-relay")
+    args.since = args.since or 0
     thresholds = gc.get_threshold()
     gc.set_threshold(REPLAY_GC_THRESHOLD, *thresholds[1:])
     try:

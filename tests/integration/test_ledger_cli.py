@@ -327,6 +327,17 @@ def test_keygen_and_outbox_mistakes_are_one_line_errors(
     assert result.stderr.startswith("dsproxy: error: DSPROXY_NOSTR_KEY_FILE is not set")
 
 
+def test_an_option_that_would_do_nothing_is_refused_and_log_levels_take_any_case(
+    node_env: dict[str, str],
+) -> None:
+    """`replay --since T` without a relay ignored T; `--log-level debug` was refused."""
+    result = dsproxy(node_env, "replay", "--since", "5")
+    assert result.returncode == 2
+    assert "--since" in result.stderr and "--from-relay" in result.stderr
+    result = dsproxy(node_env, "--log-level", "debug", "balance", "not-a-key")
+    assert result.returncode == 2 and "invalid choice" not in result.stderr, result.stderr
+
+
 def test_a_reader_that_stops_early_ends_export_quietly(
     tmp_path: Path, node_env: dict[str, str], address: Address
 ) -> None:

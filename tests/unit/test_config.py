@@ -47,3 +47,8 @@ def test_a_public_url_is_optional_and_kept_without_its_trailing_slash() -> None:
     assert load_settings({"DSPROXY_PUBLIC_URL": "https://chat.example/"}).public_url == (
         "https://chat.example"
     )
+
+
+def test_a_backoff_that_would_start_above_its_ceiling_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"relay_retry_ms_min \(5000\) is more than"):
+        load_settings({"DSPROXY_RELAY_RETRY_MS_MIN": "5000", "DSPROXY_RELAY_RETRY_MS_MAX": "100"})
