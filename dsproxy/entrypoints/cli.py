@@ -26,6 +26,7 @@ from dsproxy.entrypoints import (
     serve,
     wallet_commands,
 )
+from dsproxy.entrypoints.log_repeats import RepeatedLines
 from dsproxy.errors import DsproxyError
 
 __all__ = ["main"]
@@ -69,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatedLines())
     try:
         if getattr(args, "own_settings", False):  # `demo`: the environment is not its business
             settings = load_settings({})
