@@ -47,6 +47,7 @@ from dsproxy.errors import (
     NotFound,
     RateLimited,
     StoreError,
+    UpstreamCut,
     UpstreamError,
     UpstreamQuotaExhausted,
     UpstreamRateLimited,
@@ -101,6 +102,16 @@ _ROUTES_COUNTED = frozenset(
 )
 
 
+_UPSTREAM_ERROR_KINDS: dict[type, str] = {
+    UpstreamTimeout: "timeout",
+    UpstreamRejected: "rejected",
+    UpstreamUnauthorized: "unauthorized",
+    UpstreamQuotaExhausted: "quota_exhausted",
+    UpstreamRateLimited: "rate_limited",
+    UpstreamCut: "cut",
+}
+
+
 def now_s() -> int:
     return int(time.time())
 
@@ -126,12 +137,29 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.upstream_errors = Counter(
+            "dsproxy_upstream_errors",
+            "Chats the model server failed, by how (before an answer, or cutting a stream)",
+            ["kind"],
+            registry=r,
+        )
         self.holds_open = Gauge("dsproxy_holds_open", "Holds of chats in flight", registry=r)
         self.tokens_held = Gauge("dsproxy_tokens_held", "Tokens reserved by open holds", registry=r)
         self.node = NodeGauges(r)
 
     def upstream_latency(self, seconds: float) -> None:
         self.upstream_seconds.observe(seconds)
+
+    def upstream_failed(self, error: UpstreamError) -> None:
+        kind = next(
+            (
+                _UPSTREAM_ERROR_KINDS[cls]
+                for cls in type(error).__mro__
+                if cls in _UPSTREAM_ERROR_KINDS
+            ),
+            "failed",
+        )
+        self.upstream_errors.labels(kind).inc()
 
     def charged(self, model: str, usage: Usage, tokens_charged: int) -> None:
         self.tokens.labels(model, "prompt").inc(usage.prompt_tokens)

@@ -702,7 +702,15 @@ class ChatStream:
         bound (DeepSeek R1 as first served) would otherwise deliver more than is charged."""
         first = True
         handed: list[str] = []
-        async for chunk in self.upstream.chunks():
+        upstream = self.upstream.chunks()
+        while True:
+            try:
+                chunk = await anext(upstream)
+            except StopAsyncIteration:
+                break
+            except UpstreamError as exc:  # the model server cut the stream
+                self.handler.observe_failure(exc)
+                raise
             if first:
                 self.handler.observe_latency(self._started_s)
                 first = False
@@ -798,6 +806,10 @@ class ChatHandler:
         if self.metrics is not None:
             self.metrics.upstream_latency(time.perf_counter() - started_s)
 
+    def observe_failure(self, error: BaseException) -> None:
+        if self.metrics is not None and isinstance(error, UpstreamError):
+            self.metrics.upstream_failed(error)
+
     async def charge(self, hold: OpenHold, usage: Usage, *, delivered: bool = False) -> Charge:
         charge = await self.meter.settle(hold, usage, delivered=delivered)
         if self.metrics is not None:
@@ -816,6 +828,7 @@ class ChatHandler:
         try:
             answer = await self.upstream.complete(request.upstream_body(hold.completion_tokens_max))
         except BaseException as exc:
+            self.observe_failure(exc)
             reason = f"upstream failed: {exc}" if isinstance(exc, UpstreamError) else "cancelled"
             await self._release(hold, reason)
             raise
@@ -865,6 +878,7 @@ class ChatHandler:
                 request.upstream_body(hold.completion_tokens_max)
             )
         except BaseException as exc:
+            self.observe_failure(exc)
             reason = f"upstream failed: {exc}" if isinstance(exc, UpstreamError) else "cancelled"
             await self._release(hold, reason)
             raise

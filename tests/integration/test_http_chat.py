@@ -672,7 +672,12 @@ async def test_metrics_count_what_happened(
     assert (await post_chat(client, token, body)).status_code == 200
     model = await client.get("/v1/models/deepseek-chat", headers=bearer(token))
     assert model.status_code == 200
+    failing = {"model": "deepseek-chat", "messages": messages("hi [[fail:500]]")}
+    assert (await post_chat(client, token, failing)).status_code == 502
+    cut = {"model": "deepseek-chat", "messages": messages("hi [[cut:2]]"), "stream": True}
+    assert (await post_chat(client, token, cut)).status_code == 200  # cut after it began
     charged = expected_charge(tokenizer, "hi [[words:3]]", "this is the")
+    charged += expected_charge(tokenizer, "hi [[cut:2]]", "this is")  # what it delivered
     await issued_debits(backend_settings, USER, charged)  # signed and stored: now in the outbox
     text = (await client.get("/metrics")).text
     values = {
@@ -681,8 +686,11 @@ async def test_metrics_count_what_happened(
         if line and not line.startswith("#")
     }
     assert values['dsproxy_tokens_total{kind="charged",model="deepseek-chat"}'] == charged
-    assert values['dsproxy_requests_total{route="/v1/chat/completions",status="200"}'] == 1
+    assert values['dsproxy_requests_total{route="/v1/chat/completions",status="200"}'] == 2
+    assert values['dsproxy_requests_total{route="/v1/chat/completions",status="502"}'] == 1
     assert values['dsproxy_requests_total{route="/v1/models/{name}",status="200"}'] == 1
+    assert values['dsproxy_upstream_errors_total{kind="failed"}'] == 1  # its 500
+    assert values['dsproxy_upstream_errors_total{kind="cut"}'] == 1
     assert values["dsproxy_holds_open"] == values["dsproxy_tokens_held"] == 0
     assert values["dsproxy_outbox_backlog_events"] == 1  # its debit waits: no relay here
     assert values["dsproxy_outbox_failed_events"] == 0
