@@ -37,6 +37,7 @@ from dsproxy.bootstrap import address, program_from_settings
 from dsproxy.config import Settings, load_settings
 from dsproxy.demo.upstream_model import DEMO_MODELS, DemoModel
 from dsproxy.entrypoints.http_api import Backend, close_backend, open_backend
+from dsproxy.entrypoints.http_protocol import BoundedHttpTools
 from dsproxy.entrypoints.serve import build_app
 from dsproxy.errors import ConfigError, DsproxyError
 from dsproxy.handlers.recharge import build_recharge_handler
@@ -279,7 +280,12 @@ async def serve_app(
 ) -> asyncio.Task[Any]:
     """Serve an ASGI app on a bound socket; return once it accepts connections."""
     config = uvicorn.Config(
-        app, lifespan="off", access_log=False, log_level="warning", timeout_graceful_shutdown=5
+        app,
+        http=BoundedHttpTools,
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
     )
     server = _EmbeddedServer(config)
     exits.callback(sock.close)

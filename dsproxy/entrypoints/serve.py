@@ -40,6 +40,7 @@ from dsproxy.entrypoints.http_api import (
     json_response,
     open_backend,
 )
+from dsproxy.entrypoints.http_protocol import BoundedHttpTools
 from dsproxy.errors import DsproxyError, StoreError
 
 __all__ = ["add_commands", "build_app", "main", "serve"]
@@ -149,6 +150,7 @@ async def serve(
             build_app(backend),
             host=settings.http_host,
             port=settings.http_port,
+            http=BoundedHttpTools,  # bounded request heads: see http_protocol
             lifespan="off",
             access_log=False,
             log_level="warning",
