@@ -4,10 +4,12 @@
 The prompt count is an estimate of what the model will read: the text of every message plus a
 small allowance per message for the chat template, so a hold is rarely smaller than the bill.
 A short message takes ~30 us; long texts are counted on a worker thread with `encode_batch`,
-which lets the GIL go, so the event loop never stalls. Counts of texts up to 8,192 characters
-are remembered, by a digest of the text (the texts themselves, with the UTF-8 copy Python keeps
-of each, took 5 to 8 times the memory meant): a conversation resends its whole history with
-every turn, and only the new message needs counting.
+which lets the GIL go, so the event loop never stalls. They take turns on one thread of their
+own: however many arrive at once, counting uses at most one core, and the event loop keeps
+another. Counts of texts up to 8,192 characters are remembered, by a digest of the text (the
+texts themselves, with the UTF-8 copy Python keeps of each, took 5 to 8 times the memory
+meant): a conversation resends its whole history with every turn, and only the new message
+needs counting.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import asyncio
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from typing import Any
 
@@ -78,6 +81,10 @@ class Tokenizer:
         self._encoder = tokenizers.Tokenizer.from_str(vocabulary.read_text(encoding="utf-8"))
         self._remembered: OrderedDict[bytes, int] = OrderedDict()
         self._remembering = threading.Lock()  # counts are taken on worker threads too
+        self._counting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="count-tokens")
+
+    async def _off_the_loop(self, count: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._counting, count)
 
     def _encode_count(self, text: str) -> int:
         if len(text) <= _INLINE_CHARS_MAX:
@@ -124,7 +131,7 @@ class Tokenizer:
     async def count_async(self, text: str) -> int:
         if len(text) <= _INLINE_CHARS_MAX:
             return self.count(text)
-        return await asyncio.to_thread(self.count, text)
+        return int(await self._off_the_loop(lambda: self.count(text)))
 
     def count_message(self, message: Mapping[str, Any]) -> int:
         return self.count(message_text(message)) + TEMPLATE_TOKENS_PER_MESSAGE
@@ -133,7 +140,10 @@ class Tokenizer:
         """Each message's count; long conversations are counted on a worker thread."""
         if sum(len(message_text(m)) for m in messages) <= _INLINE_CHARS_MAX:
             return [self.count_message(m) for m in messages]
-        return await asyncio.to_thread(lambda: [self.count_message(m) for m in messages])
+        counts: list[int] = await self._off_the_loop(
+            lambda: [self.count_message(m) for m in messages]
+        )
+        return counts
 
     def count_prompt(
         self, messages: Sequence[Mapping[str, Any]], tools: Iterable[Any] | None = None
@@ -150,4 +160,4 @@ class Tokenizer:
         size = sum(len(message_text(m)) for m in messages)
         if size <= _INLINE_CHARS_MAX and not tools:
             return self.count_prompt(messages)
-        return await asyncio.to_thread(self.count_prompt, messages, tools)
+        return int(await self._off_the_loop(lambda: self.count_prompt(messages, tools)))

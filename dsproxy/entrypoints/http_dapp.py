@@ -186,7 +186,9 @@ def routes(backend: Backend) -> list[Route]:
             raise InvalidParameter(f"no model {asked!r}", param="model", code="model_not_found")
 
         async def work(ticket: UserTicket) -> MeteredStreamResponse:
-            # the history is counted under the user's limits, off the event loop when long
+            # the history is counted under the user's limits, off the event loop when long, and
+            # only for a user who can pay for a message at all
+            await backend.chats.refuse_if_broke(user, model, [content])
             history = await backend.accounts.messages(
                 conversation.id, settings.conversation_messages_max
             )

@@ -79,7 +79,11 @@ def routes(backend: Backend) -> list[Route]:
         body = await read_json(request, backend.settings.request_bytes_max)
 
         async def work(ticket: UserTicket) -> Response | MeteredStreamResponse:
-            # counting the prompt is the costly part of a refusal: it waits for the user's limits
+            # counting the prompt is the costly part of a refusal: it waits for the user's limits,
+            # and a user who could not pay for any prompt is refused before it
+            if isinstance(body, dict):
+                model = backend.catalog.sold(body.get("model"))
+                await backend.chats.refuse_if_broke(user, model, body.get("messages"))
             chat = await backend.chats.prepare(body)
             if chat.stream:
                 # a client that leaves before the model answers must not keep its hold (and

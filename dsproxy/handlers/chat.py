@@ -23,7 +23,12 @@ from attrs import define, evolve, frozen
 from dsproxy.adapters.event_store import AsyncEventStore
 from dsproxy.adapters.holds_projection import open_holds, unissued_charges
 from dsproxy.adapters.projection_db import ProjectionDb
-from dsproxy.adapters.tokenizer import Tokenizer, prompt_schemas
+from dsproxy.adapters.tokenizer import (
+    TEMPLATE_TOKENS_PER_MESSAGE,
+    TEMPLATE_TOKENS_PER_PROMPT,
+    Tokenizer,
+    prompt_schemas,
+)
 from dsproxy.adapters.upstream import StreamChunk, Upstream, UpstreamStream
 from dsproxy.domain.chat_facts import DebitIssued, Hold, HoldOutcome
 from dsproxy.domain.metering import (
@@ -32,6 +37,7 @@ from dsproxy.domain.metering import (
     Refused,
     Usage,
     UserView,
+    cost,
     debit_for,
     decide_hold,
 )
@@ -801,6 +807,23 @@ class ChatHandler:
 
     async def prepare(self, body: Any) -> ChatRequest:
         return await parse_chat_request(body, self.catalog, self.tokenizer)
+
+    async def refuse_if_broke(self, user: str, model: str | None, messages: Any) -> None:
+        """402 before the prompt is counted (the costly part: a megabyte takes half a second)
+        for a user who cannot pay for even the smallest prompt of this many messages; logins
+        are free, so anyone could otherwise spend the server's CPU."""
+        if model is None or not isinstance(messages, list):
+            return  # refused as bad input when parsed
+        prompt_min = TEMPLATE_TOKENS_PER_PROMPT + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+        needed = cost(self.catalog.price(model), prompt_min, 1)
+        available = (await self.meter.view(user)).tokens_available
+        if available < needed:
+            raise InsufficientTokens(
+                f"this chat needs at least {needed} tokens and {available} are available: "
+                "recharge to continue",
+                tokens_available=available,
+                tokens_needed=needed,
+            )
 
     def observe_latency(self, started_s: float) -> None:
         if self.metrics is not None:

@@ -222,6 +222,24 @@ async def test_too_little_balance_is_402_and_records_nothing(
     assert read_debits(backend_settings, str(USER_KEYS[1].pubkey())) == []
 
 
+async def test_a_user_who_cannot_pay_is_refused_before_the_prompt_is_counted(
+    client: httpx.AsyncClient, backend_settings: Settings
+) -> None:
+    """Counting a megabyte takes half a second of CPU, and logins are free: new wallets with
+    nothing to spend sent megabyte prompts and slowed every paying chat to 20 s. Such a
+    prompt is a 402 now; it was a 400 "too long" because it was counted first."""
+    broke = await funded(client, backend_settings, USER_KEYS[2], 0)
+    huge = messages("words " * 170_000)  # about a megabyte: past the context window too
+    response = await post_chat(client, broke, {"model": "deepseek-chat", "messages": huge})
+    assert response.status_code == 402, response.text
+    assert response.json()["error"]["code"] == "insufficient_balance"
+    conversation = await client.post("/conversations", json={}, headers=bearer(broke))
+    assert conversation.status_code == 201
+    body = {"conversation_id": conversation.json()["id"], "content": "words " * 170_000}
+    response = await client.post("/messages", json=body, headers=bearer(broke))
+    assert response.status_code == 402, response.text
+
+
 async def test_a_small_balance_lowers_max_tokens_and_never_goes_below_zero(
     client: httpx.AsyncClient, backend_settings: Settings
 ) -> None:
