@@ -523,6 +523,35 @@ class UserTicket:
             self.limits._done(self.user)
 
 
+UPSTREAM_PARAMETERS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "stop",
+        "seed",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "reasoning_effort",
+        "user",
+        "n",
+    }
+)
+"""The chat parameters passed to the model server (max_tokens is set by the hold)."""
+
+
 @frozen
 class ChatRequest:
     """A validated chat request: what the client asked for, and the prompt's token estimate."""
@@ -535,8 +564,11 @@ class ChatRequest:
     max_tokens: int
 
     def upstream_body(self, completion_tokens_max: int) -> dict[str, Any]:
-        """The client's body with the completion limit the hold pays for, and usage asked."""
-        body = {k: v for k, v in self.body.items() if k != "max_completion_tokens"}
+        """The client's standard parameters (UPSTREAM_PARAMETERS) with the completion limit the
+        hold pays for, and usage asked. Others are left out: a provider's own (a paid web
+        search, a priority tier, another model to fall back on, storing prompts in the
+        operator's account) cost what dsproxy does not meter, or expose what it should not."""
+        body = {k: v for k, v in self.body.items() if k in UPSTREAM_PARAMETERS}
         body["model"] = self.model  # the model sold under the name asked for
         body["max_tokens"] = completion_tokens_max
         if self.stream:
@@ -592,7 +624,8 @@ async def parse_chat_request(body: Any, catalog: ModelCatalog, tokenizer: Tokeni
             code="model_not_found",
         )
     messages = _check_messages(body.get("messages"))
-    if body.get("n") not in (None, 1):  # null is the default, as OpenAI reads it
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # null is the default, as OpenAI has it
         raise InvalidParameter("only n = 1 is supported", param="n")
     stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):

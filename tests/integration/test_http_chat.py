@@ -222,6 +222,27 @@ async def test_too_little_balance_is_402_and_records_nothing(
     assert read_debits(backend_settings, str(USER_KEYS[1].pubkey())) == []
 
 
+async def test_only_standard_parameters_reach_the_model_server(
+    client: httpx.AsyncClient, token: str, demo_model: DemoModel
+) -> None:
+    """Every field went to the provider: a paid web search, a priority tier, another model to
+    fall back on (billed at the sold model's price), prompts stored in the operator's account."""
+    extras = {
+        "web_search_options": {},
+        "service_tier": "priority",
+        "models": ["an-expensive-model"],
+        "store": True,
+        "metadata": {"who": "me"},
+        "best_of": 20,
+    }
+    standard = {"temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["zz"], "user": "u1"}
+    body = {"model": "deepseek-chat", "messages": messages("hi [[words:2]]"), **extras, **standard}
+    assert (await post_chat(client, token, body)).status_code == 200
+    sent = demo_model.last_body
+    assert not set(extras) & set(sent), sent
+    assert {k: sent[k] for k in standard} == standard
+
+
 async def test_a_user_who_cannot_pay_is_refused_before_the_prompt_is_counted(
     client: httpx.AsyncClient, backend_settings: Settings
 ) -> None:
@@ -554,6 +575,8 @@ async def test_a_client_gone_while_the_answer_waits_in_buffers_pays_only_what_it
         ({"model": "deepseek-chat", "messages": []}, 400, "messages"),
         ({"model": "deepseek-chat", "messages": [{"content": "x"}]}, 400, "messages[0]"),
         ({"model": "deepseek-chat", "messages": messages("hi"), "n": 2}, 400, "n"),
+        ({"model": "deepseek-chat", "messages": messages("hi"), "n": True}, 400, "n"),
+        ({"model": "deepseek-chat", "messages": messages("hi"), "n": 1.0}, 400, "n"),
         (
             {"model": "deepseek-chat", "messages": messages("hi"), "max_tokens": 0},
             400,
