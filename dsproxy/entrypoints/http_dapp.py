@@ -69,10 +69,15 @@ def _message_json(row: MessageRow) -> dict[str, Any]:
 
 
 class DappStreamRender:
-    """The dApp's SSE: content deltas, then the stored assistant message."""
+    """The dApp's SSE: content deltas, then the stored assistant message.
 
-    def __init__(self, backend: Backend, conversation_id: str) -> None:
+    The user's message is stored with the answer, and only if something was delivered or
+    charged: stored when the stream opened, a client that left before the first word paid
+    nothing and left its message (a megabyte, counted again on every later turn) for free."""
+
+    def __init__(self, backend: Backend, conversation_id: str, said: str, said_at: int) -> None:
         self.backend, self.conversation_id = backend, conversation_id
+        self.said, self.said_at = said, said_at
         self.parts: list[str] = []
         self._stored: asyncio.Future[MessageRow] | None = None
 
@@ -89,30 +94,35 @@ class DappStreamRender:
         return b"event:message\ndata:" + orjson.dumps({"content": text}) + b"\n\n"
 
     async def _store(self, charge: Charge) -> MessageRow:
-        """Store the answer once: a disconnect during `end` lets the write finish, and the
-        `aborted` that follows waits for it instead of storing the answer again."""
+        """Store the exchange once: a disconnect during `end` lets the write finish, and the
+        `aborted` that follows waits for it instead of storing it again."""
         if self._stored is None:
-            self._stored = asyncio.ensure_future(
-                self.backend.accounts.add_message(
-                    self.conversation_id,
-                    "assistant",
-                    "".join(self.parts),
-                    charge.tokens_charged,
-                    now_s(),
-                )
-            )
+            self._stored = asyncio.ensure_future(self._add_exchange(charge))
         return await asyncio.shield(self._stored)
 
+    async def _add_exchange(self, charge: Charge) -> MessageRow:
+        accounts = self.backend.accounts
+        await accounts.add_message(self.conversation_id, "user", self.said, 0, self.said_at)
+        answer = "".join(self.parts)
+        return await accounts.add_message(
+            self.conversation_id, "assistant", answer, charge.tokens_charged, now_s()
+        )
+
+    def _kept(self, charge: Charge) -> bool:
+        return bool(self.parts) or charge.tokens_charged > 0
+
     async def end(self, charge: Charge, error: UpstreamError | None) -> bytes:
-        row = await self._store(charge)
         if error is not None:
+            if self._kept(charge):
+                await self._store(charge)
             _, body = error_body(error, charge.tokens_charged)
             return b"event:error\ndata:" + orjson.dumps(dapp_error(body)) + b"\n\n"
+        row = await self._store(charge)
         message = {**_message_json(row), "balance": charge.balance}
         return b"event:done\ndata:" + orjson.dumps(message) + b"\n\n"
 
     async def aborted(self, charge: Charge) -> None:
-        if self.parts:
+        if self._kept(charge):
             await self._store(charge)
 
 
@@ -210,14 +220,10 @@ def routes(backend: Backend) -> list[Route]:
                 "stream": True,
                 "max_tokens": reply_tokens,
             }
+            said_at = now_s()
             chat = await backend.chats.prepare(upstream_body)
             stream = await unless_disconnected(backend.chats.stream(user, chat), request.receive)
-            try:
-                await backend.accounts.add_message(conversation.id, "user", content, 0, now_s())
-            except BaseException:  # nothing delivered: the hold is released, the upstream closed
-                await asyncio.shield(stream.finish())
-                raise
-            render = DappStreamRender(backend, conversation.id)
+            render = DappStreamRender(backend, conversation.id, content, said_at)
             return MeteredStreamResponse(stream, render, ticket)
 
         return await run_admitted(backend, user, work)

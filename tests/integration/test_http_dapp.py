@@ -132,6 +132,41 @@ async def test_reasoning_the_dapp_never_shows_is_not_charged_when_the_client_lea
     )
 
 
+async def test_a_message_whose_client_left_before_any_answer_is_not_kept(
+    client: httpx.AsyncClient, backend_url: str, backend_settings: Settings
+) -> None:
+    """The user's message was stored when the model's stream opened: a client that left before
+    the first word paid nothing and left its message (up to a megabyte, counted again on every
+    later turn) for free. It is kept with the answer, when one was delivered or charged."""
+    token = await funded(client, backend_settings, WALLET, 10_000)
+    conversation = await new_conversation(client, token)
+    async with (
+        httpx.AsyncClient(base_url=backend_url, timeout=WAIT_S_MAX) as own,
+        own.stream(
+            "POST",
+            "/messages",
+            json={"conversation_id": conversation, "content": "x " * 1_000 + "[[pause:0]]"},
+            headers=bearer(token),
+        ) as response,
+    ):
+        assert response.status_code == 200  # the model's stream is open; it pauses: leave
+
+    async def settled() -> bool:
+        return (await balance(client, token))["held"] == 0
+
+    await eventually(settled, "the abandoned chat to settle")
+    assert (await balance(client, token))["balance"] == 10_000
+    listed = await client.get(f"/messages?conversation_id={conversation}", headers=bearer(token))
+    assert listed.json() == []
+    events = sse_events((await say(client, token, conversation, "hi [[words:2]]")).content)
+    assert [name for name, _ in events] == ["message", "message", "done"]
+    listed = await client.get(f"/messages?conversation_id={conversation}", headers=bearer(token))
+    assert [(m["role"], m["content"]) for m in listed.json()] == [
+        ("user", "hi [[words:2]]"),
+        ("assistant", "this is"),
+    ]
+
+
 async def test_another_users_conversation_is_404_and_never_charged(
     client: httpx.AsyncClient, backend_settings: Settings
 ) -> None:
@@ -279,7 +314,7 @@ async def test_bad_conversation_and_message_bodies_are_refused_and_charge_nothin
 def test_chunks_without_a_delta_object_send_nothing_and_raise_nothing() -> None:
     """`"delta": null` (or choices that are not a list) from an upstream once crashed the
     stream after its charge: the client got a broken response."""
-    render = DappStreamRender(backend=None, conversation_id="c")  # type: ignore[arg-type]
+    render = DappStreamRender(backend=None, conversation_id="c", said="hi", said_at=0)  # type: ignore[arg-type]
     for data in (
         {"choices": [{"index": 0, "delta": None}]},
         {"choices": [{"index": 0}]},
