@@ -181,12 +181,16 @@ class AccountsDb:
         (logins are free: without a bound, one key could fill the table)."""
         await self._write("DELETE FROM sessions WHERE expires_at < ?", (now,))
         await self._write("INSERT INTO sessions VALUES (?, ?, ?)", (token_hash, user, expires_at))
-        await self._write(  # the new one stays, and those of the others that expire last
+        ended = await self._rows(  # the new one stays, and those of the others that expire last
             "DELETE FROM sessions WHERE user = ? AND token_hash != ? AND token_hash NOT IN "
             "(SELECT token_hash FROM sessions WHERE user = ? AND token_hash != ? "
-            "ORDER BY expires_at DESC, token_hash LIMIT ?)",
+            "ORDER BY expires_at DESC, token_hash LIMIT ?) RETURNING token_hash",
             (user, token_hash, user, token_hash, SESSIONS_PER_USER_MAX - 1),
         )
+        if ended:  # ended here, so at once: not still accepted from the bearer cache
+            for (ended_hash,) in ended:
+                self._bearers.pop(ended_hash, None)
+            self._revocations += 1
         await self._write(
             "INSERT INTO users VALUES (?, ?, ?) ON CONFLICT (user) DO UPDATE SET updated_at = ?",
             (user, now, now, now),

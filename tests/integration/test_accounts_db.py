@@ -119,3 +119,21 @@ async def test_revoked_keys_kept_are_the_newest(tmp_path: Path) -> None:
         assert min(row.revoked_at or 0 for row in listed) == 1_005
     finally:
         await accounts.close()
+
+
+async def test_a_login_ended_by_the_cap_on_logins_stops_at_once(tmp_path: Path) -> None:
+    """The 21st login ends the one that expires first; it was still accepted from the bearer
+    cache for 10 s (logout and revoke already cleared it)."""
+    from dsproxy.adapters.accounts_db import SESSIONS_PER_USER_MAX
+
+    accounts = await AccountsDb.open(tmp_path / "backend.sqlite", Clock())
+    try:
+        for index in range(SESSIONS_PER_USER_MAX):
+            await accounts.add_session(f"s{index}", USER, expires_at=5_000 + index, now=1_000)
+            assert await accounts.user_for(f"s{index}", now=1_000) == USER  # now remembered
+        await accounts.add_session("newest", USER, expires_at=9_000, now=1_000)
+        assert await accounts.user_for("s0", now=1_000) is None  # the first to expire ended
+        assert await accounts.user_for("s1", now=1_000) == USER
+        assert await accounts.user_for("newest", now=1_000) == USER
+    finally:
+        await accounts.close()
