@@ -216,6 +216,7 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "requests_per_minute_max": (_int_at_least(1), 60),
     "concurrent_requests_max": (_int_at_least(1), 4),
     "challenge_ttl_s": (_int_at_least(1), 300),
+    "challenges_per_minute_max": (_int_at_least(1), 30),
     "session_ttl_s": (_int_at_least(60), 604_800),
     "request_bytes_max": (_int_at_least(1024), 1_048_576),
     "conversation_messages_max": (_int_at_least(1), 200),
@@ -279,6 +280,7 @@ class Settings:
     requests_per_minute_max: int
     concurrent_requests_max: int
     challenge_ttl_s: int
+    challenges_per_minute_max: int
     session_ttl_s: int
     request_bytes_max: int
     conversation_messages_max: int

@@ -66,6 +66,9 @@ def routes(backend: Backend) -> list[Route]:
     settings = backend.settings
 
     async def challenge(request: Request) -> Response:
+        if backend.client_limits is not None:
+            client = request.client.host if request.client is not None else "unknown"
+            backend.client_limits.admit(client).done()
         user = _user_field(await read_json(request, 4_096))
         now = now_s()
         issued = issue_challenge(

@@ -241,6 +241,7 @@ class Backend:
     server: str  # the public URL login challenges are bound to
     pubkey: str
     storage: StorageHealth = field(factory=StorageHealth)
+    client_limits: UserLimits | None = None  # login challenges, by client address
 
 
 def catalog_of(settings: Settings) -> ModelCatalog:
@@ -342,6 +343,9 @@ async def open_backend(settings: Settings) -> Backend:
         server,
         pubkey,
         storage,
+        # logins are free, and each new wallet's leaves rows on disk: a client address may ask
+        # for so many challenges a minute (the per-user limits cannot see new wallets)
+        UserLimits(settings.challenges_per_minute_max, concurrent_max=1_000_000),
     )
 
 

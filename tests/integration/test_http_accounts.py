@@ -123,6 +123,23 @@ async def test_without_a_public_url_a_challenge_names_the_port_the_server_has(
             assert response.status_code == 200
 
 
+async def test_a_client_address_asks_for_so_many_login_challenges_a_minute(
+    node_env: dict[str, str], demo_url: str
+) -> None:
+    """Logins are free and each new wallet's leaves rows on disk: 160 new wallets from one
+    client made 9,600 conversations in 16 s. The per-user limits cannot see new wallets."""
+    settings = load_settings(backend_env(node_env, demo_url, DSPROXY_CHALLENGES_PER_MINUTE_MAX="3"))
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            for index in range(3):
+                await challenge(http, USER_KEYS[index])
+            refused = await http.post(
+                "/user/challenge", json={"user_pubkey": str(USER_KEYS[3].pubkey())}
+            )
+            assert refused.status_code == 429, refused.text
+            assert int(refused.headers["retry-after"]) > 0
+
+
 @pytest.mark.parametrize("user", ["not-base58!", "", 42])
 async def test_a_bad_user_key_is_refused(client: httpx.AsyncClient, user: object) -> None:
     response = await client.post("/v1/auth/challenge", json={"user_pubkey": user})
