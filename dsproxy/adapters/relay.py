@@ -63,8 +63,9 @@ CHUNK_EVENTS = 256
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 FRESH_ANSWERS_AT_ONE_UNTIL_MAX = 3  # an honest relay repeats a query's second at most once
 ACK_GRACE_S = 0.5
-"""Once one relay has acknowledged an event, how long the others may still answer: a relay that
-never answers must not hold every publication back for its whole timeout."""
+"""Once one relay has acknowledged an event, how long publishing waits for the others: a relay
+that never answers must not hold every publication back for its whole timeout. A relay still
+busy then finishes in the background, and is left out of the events published meanwhile."""
 HEARTBEAT_S = 30.0
 """aiohttp pings this often and drops a connection whose pong does not come back."""
 
@@ -547,6 +548,7 @@ class RelayPublisher:
         self.timeout_s = timeout_s
         self._connections: dict[str, RelayConnection] = {}
         self._locks = {url: asyncio.Lock() for url in self.urls}
+        self._in_flight: dict[str, asyncio.Task[RelayResult]] = {}  # at most one per relay
 
     @property
     def relays_total(self) -> int:
@@ -573,26 +575,36 @@ class RelayPublisher:
 
     async def publish(self, event: NostrEvent) -> tuple[RelayResult, ...]:
         """Send to all relays at once; each answer (or why there was none) per relay. One
-        acknowledgement is enough: the others then have ACK_GRACE_S to answer, and a relay that
-        has not by then counts as unreachable."""
-        tasks = {asyncio.ensure_future(self._publish_to(url, event)): url for url in self.urls}
+        acknowledgement is enough: the others then have ACK_GRACE_S, and one that has not
+        answered by then counts as unreachable for this event but is not cancelled (a relay
+        slow to connect would never get any event, and a late OK would answer the next one):
+        it finishes in the background, and a relay still busy is left out of the next event."""
+        results: dict[str, RelayResult] = {}
+        tasks: dict[asyncio.Task[RelayResult], str] = {}
+        for url in self.urls:
+            busy = self._in_flight.get(url)
+            if busy is not None and not busy.done():
+                results[url] = RelayResult(
+                    url, RelayAnswer.UNREACHABLE, "still busy with an earlier event"
+                )
+                continue
+            task = asyncio.ensure_future(self._publish_to(url, event))
+            task.add_done_callback(_retrieve)
+            self._in_flight[url] = task
+            tasks[task] = url
         waiting = set(tasks)
-        try:
-            while waiting:
-                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if any(task.result().answer is RelayAnswer.ACCEPTED for task in done):
-                    if waiting:
-                        _, waiting = await asyncio.wait(waiting, timeout=ACK_GRACE_S)
-                    break
-        finally:
-            for task in waiting:
-                task.cancel()
-            await asyncio.gather(*waiting, return_exceptions=True)
-        late = "no answer before another relay acknowledged it"
-        return tuple(
-            RelayResult(url, RelayAnswer.UNREACHABLE, late) if task.cancelled() else task.result()
-            for task, url in tasks.items()
-        )
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if any(task.result().answer is RelayAnswer.ACCEPTED for task in done):
+                if waiting:
+                    _, waiting = await asyncio.wait(waiting, timeout=ACK_GRACE_S)
+                break
+        late = "no answer before another relay acknowledged it (still trying)"
+        for task, url in tasks.items():
+            results[url] = (
+                task.result() if task.done() else RelayResult(url, RelayAnswer.UNREACHABLE, late)
+            )
+        return tuple(results[url] for url in self.urls)
 
     async def _holds(self, url: str, event_id: str) -> bool | None:
         async with self._locks[url]:
@@ -610,9 +622,20 @@ class RelayPublisher:
         return tuple(zip(self.urls, answers, strict=True))
 
     async def close(self) -> None:
+        in_flight = [task for task in self._in_flight.values() if not task.done()]
+        for task in in_flight:
+            task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        self._in_flight.clear()
         for connection in self._connections.values():
             await connection.close()
         self._connections.clear()
+
+
+def _retrieve(task: asyncio.Task[RelayResult]) -> None:
+    """A publish left to finish in the background: its failure is logged, not lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("publishing to a relay failed", exc_info=task.exception())
 
 
 def build_local_relay(

@@ -24,8 +24,9 @@ Script = Callable[[web.WebSocketResponse, list[Any]], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def scripted_relay(answer: Script) -> AsyncIterator[str]:
+async def scripted_relay(answer: Script, *, handshake_s: float = 0.0) -> AsyncIterator[str]:
     async def socket(request: web.Request) -> web.WebSocketResponse:
+        await asyncio.sleep(handshake_s)  # a relay far away, or busy, is slow to connect
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         async for message in ws:
@@ -237,7 +238,10 @@ async def test_one_acknowledgement_is_enough_and_a_silent_relay_holds_nothing_ba
                     RelayAnswer.ACCEPTED,
                 ], results
                 assert results[0].relay == silent
-                assert "another relay acknowledged" in results[0].reason
+                # the first is left to finish in the background; the relay is busy with it
+                assert "another relay acknowledged" in results[0].reason or (
+                    "still busy with an earlier event" in results[0].reason
+                )
         finally:
             await publisher.close()
 
@@ -261,3 +265,38 @@ async def test_a_relay_that_trickles_events_without_eose_is_not_waited_for_forev
             result = await connection.publish(event)
     assert result.answer is RelayAnswer.UNREACHABLE
     assert "no answer to a query" in result.reason
+
+
+async def test_a_relay_slow_to_connect_still_gets_the_events_after_it_connected(
+    address: Address,
+) -> None:
+    """The others were cancelled 0.5 s after one relay's OK, mid-connect: a relay whose
+    handshake takes a second never got a single event, and each attempt reset a connection."""
+    from dsproxy.adapters.relay import RelayPublisher
+
+    stored: dict[str, list[str]] = {"fast": [], "slow": []}
+
+    def accepting(name: str) -> Script:
+        async def accepts(ws: web.WebSocketResponse, message: list[Any]) -> None:
+            if message[0] == "EVENT":
+                stored[name].append(message[1]["id"])
+                await ws.send_str(orjson.dumps(["OK", message[1]["id"], True, ""]).decode())
+
+        return accepts
+
+    async with (
+        scripted_relay(accepting("fast")) as fast,
+        scripted_relay(accepting("slow"), handshake_s=1.0) as slow,
+    ):
+        publisher = RelayPublisher([fast, slow], timeout_s=10)
+        try:
+            events = [seal(Transaction(USERS[0], t), address, CONTROLLER_SECRET) for t in (1, 2, 3)]
+            first = await publisher.publish(events[0])  # the slow one is still connecting
+            assert first[0].answer is RelayAnswer.ACCEPTED
+            await asyncio.sleep(1.5)  # it has connected, and taken the first event
+            for event in events[1:]:
+                results = await publisher.publish(event)
+                assert [r.answer for r in results] == [RelayAnswer.ACCEPTED] * 2, results
+        finally:
+            await publisher.close()
+    assert stored["slow"] == [event.id for event in events]
