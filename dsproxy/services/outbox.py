@@ -79,7 +79,8 @@ _RECORD = (
     "WHERE event_id = ? AND (status = 'pending' OR (status = 'failed' AND ? = 'acknowledged'))"
 )
 _REPLACE = (
-    "UPDATE outbox SET status = 'replaced', reason = ? WHERE event_id = ? AND status = 'pending'"
+    "UPDATE outbox SET status = 'replaced', reason = ? "
+    "WHERE event_id = ? AND status IN ('pending', 'failed')"
 )
 _COLUMNS = "event_id, position, created_at, event, status, rejections, reason, relays"
 RESIGN_SECONDS_MAX = 30  # seconds back from now tried for a replacement's free `created_at`
@@ -226,9 +227,11 @@ class Outbox:
     async def offer_failed(self) -> int:
         """Offer failed events once more, up to `page_max` a time, going round them all over
         successive calls (a relay that refused for a while may take one now, or the relays were
-        changed); one acknowledged is published after all. Nothing is recorded for a refusal and
-        nothing is signed again; a round ends where no relay answers (an outage). How many were
-        acknowledged."""
+        changed); one acknowledged is published after all. One every relay now refuses for its
+        age (it failed for other reasons, and the first offer comes minutes later) goes the way
+        of a pending one: published if a relay has it, else signed again. Nothing is recorded
+        for a refusal; a round ends where no relay answers (an outage). How many were
+        published or signed again."""
         db, page = self.projector.db, self.limits.page_max
         rows = await list_outbox(db, ("failed",), page, after=self._failed_offered_to)
         if not rows and self._failed_offered_to:  # round the end: start again from the oldest
@@ -241,7 +244,12 @@ class Outbox:
             if all(result.answer is RelayAnswer.UNREACHABLE for result in results):
                 break  # an outage: the next round starts with this event
             self._failed_offered_to = row.position
-            decision = decide_publication(results, self.publisher.relays_total)
+            decision: Decision | None = decide_publication(results, self.publisher.relays_total)
+            if isinstance(decision, Stale):
+                decision = await self._stale(event, decision, self.limits.rejections_max)
+                if decision is None:  # signed again: the replacement is a pending row now
+                    published += 1
+                    continue
             if isinstance(decision, Acknowledged):
                 await self.store.save(
                     Publication.record(event.id, Outcome.ACKNOWLEDGED, decision.relays, "")

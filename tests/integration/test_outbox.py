@@ -434,3 +434,35 @@ async def test_an_event_a_relay_drops_the_connection_on_does_not_hold_back_the_n
 
             await eventually(settled, "the dropped event failed, the next one published")
         assert list(stored) == [good.id]
+
+
+async def test_a_failed_event_refused_for_its_age_when_offered_again_is_signed_again(
+    node_settings: Settings, tmp_path: Path, address: Address
+) -> None:
+    """A failed event is offered again minutes later, by which time a relay with a
+    `created_at` window refuses it for its age: that answer was ignored, and the event stayed
+    failed for good. It now goes the way of a pending one: signed again, counted once."""
+    refusing = {"on": True}
+    stored: dict[str, dict[str, Any]] = {}
+    windowed = relay_with_a_window(stored, window_s=3)
+
+    async def moody_then_windowed(ws: web.WebSocketResponse, message: list[Any]) -> None:
+        if message[0] == "EVENT" and refusing["on"]:
+            reply = ["OK", message[1]["id"], False, "error: database is locked"]
+            await ws.send_str(orjson.dumps(reply).decode())
+        else:
+            await windowed(ws, message)
+
+    async with scripted_relay(moody_then_windowed) as url:
+        settings = publishing_settings(node_settings, tmp_path, url).replace(
+            publish_rejections_max=2, publish_failed_retry_s=1
+        )
+        secret = load_secret(settings.nostr_key_file)
+        old = seal(Transaction(USERS[0], 700), address, secret, int(time.time()) - 60)
+        async with running_node(settings) as node:
+            await node.append([old])
+            await until_outbox_holds(node, ["failed"], "the credit failed after two refusals")
+            refusing["on"] = False
+            await until_outbox_holds(node, ["replaced", "acknowledged"], "signed again")
+            assert await balance(node, USERS[0]) == 700
+        assert list(stored) != [old.id] and len(stored) == 1
