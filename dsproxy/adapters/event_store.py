@@ -545,5 +545,11 @@ class AsyncEventStore:
         return result
 
     async def close(self) -> None:
+        await self._run(self._commit_all)
         await self._run(self.sync.close)
         self._thread.shutdown(wait=True)
+
+    def _commit_all(self) -> None:
+        """Every write queued before the close (a batch resubmits the next one behind it)."""
+        while self._writes:
+            self._commit_queued()

@@ -286,6 +286,27 @@ async def test_more_writes_than_one_commit_takes_all_land_in_order(
     await store.close()
 
 
+async def test_writes_queued_before_a_close_are_all_recorded(
+    tmp_path: Path, address: Address
+) -> None:
+    """Past one batch, the next was submitted behind the close and failed on a closed store."""
+    import asyncio
+
+    from dsproxy.adapters.event_store import WRITES_PER_COMMIT_MAX
+
+    path = tmp_path / "events.sqlite"
+    store = AsyncEventStore.open(path)
+    events = [credit(address, USER, n) for n in range(1, WRITES_PER_COMMIT_MAX + 45)]
+    writes = [asyncio.ensure_future(store.record([event])) for event in events]
+    await asyncio.sleep(0)  # all queued, the first commit submitted
+    await store.close()
+    outcomes = await asyncio.gather(*writes, return_exceptions=True)
+    assert [type(outcome).__name__ for outcome in outcomes] == ["AppendOutcome"] * len(events)
+    reopened = EventStore(path)
+    assert reopened.count_nostr() == len(events)
+    reopened.close()
+
+
 async def test_a_write_whose_caller_gave_up_is_still_recorded(
     tmp_path: Path, address: Address
 ) -> None:
