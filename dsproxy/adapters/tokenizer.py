@@ -4,12 +4,12 @@
 The prompt count is an estimate of what the model will read: the text of every message plus a
 small allowance per message for the chat template, so a hold is rarely smaller than the bill.
 A short message takes ~30 us; long texts are counted on a worker thread with `encode_batch`,
-which lets the GIL go, so the event loop never stalls. They take turns on one thread of their
-own: however many arrive at once, counting uses at most one core, and the event loop keeps
-another. Counts of texts up to 8,192 characters are remembered, by a digest of the text (the
-texts themselves, with the UTF-8 copy Python keeps of each, took 5 to 8 times the memory
-meant): a conversation resends its whole history with every turn, and only the new message
-needs counting.
+which lets the GIL go, so the event loop never stalls. Prompts take turns on one thread of
+their own, and answers (a stream's charge, its hold checks) on another: however many arrive at
+once, counting uses at most two cores, and answers never wait behind prompts. Counts of texts
+up to 8,192 characters are remembered, by a digest of the text (the texts themselves, with the
+UTF-8 copy Python keeps of each, took 5 to 8 times the memory meant): a conversation resends
+its whole history with every turn, and only the new message needs counting.
 """
 
 from __future__ import annotations
@@ -81,10 +81,12 @@ class Tokenizer:
         self._encoder = tokenizers.Tokenizer.from_str(vocabulary.read_text(encoding="utf-8"))
         self._remembered: OrderedDict[bytes, int] = OrderedDict()
         self._remembering = threading.Lock()  # counts are taken on worker threads too
-        self._counting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="count-tokens")
+        self._prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="count-prompts")
+        self._answers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="count-answers")
 
-    async def _off_the_loop(self, count: Callable[[], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._counting, count)
+    async def _off_the_loop(self, count: Callable[[], Any], *, answer: bool = False) -> Any:
+        thread = self._answers if answer else self._prompts
+        return await asyncio.get_running_loop().run_in_executor(thread, count)
 
     def _encode_count(self, text: str) -> int:
         if len(text) <= _INLINE_CHARS_MAX:
@@ -131,7 +133,7 @@ class Tokenizer:
     async def count_async(self, text: str) -> int:
         if len(text) <= _INLINE_CHARS_MAX:
             return self.count(text)
-        return int(await self._off_the_loop(lambda: self.count(text)))
+        return int(await self._off_the_loop(lambda: self.count(text), answer=True))
 
     def count_message(self, message: Mapping[str, Any]) -> int:
         return self.count(message_text(message)) + TEMPLATE_TOKENS_PER_MESSAGE

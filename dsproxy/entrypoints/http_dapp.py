@@ -207,7 +207,8 @@ def routes(backend: Backend) -> list[Route]:
             messages.append({"role": "user", "content": content})
             window = catalog.context_window(model)
             reply_tokens = min(catalog.completion_tokens_max, max(1, window // 4))
-            counts = await backend.tokenizer.count_messages_async(messages)
+            async with backend.chats.counting_turn(user):
+                counts = await backend.tokenizer.count_messages_async(messages)
             start = trim_to_window(counts, window - reply_tokens - TEMPLATE_TOKENS_PER_PROMPT)
             if start is None:
                 raise ContextTooLong(
@@ -221,7 +222,8 @@ def routes(backend: Backend) -> list[Route]:
                 "max_tokens": reply_tokens,
             }
             said_at = now_s()
-            chat = await backend.chats.prepare(upstream_body)
+            async with backend.chats.counting_turn(user):
+                chat = await backend.chats.prepare(upstream_body)
             stream = await unless_disconnected(backend.chats.stream(user, chat), request.receive)
             render = DappStreamRender(backend, conversation.id, content, said_at)
             return MeteredStreamResponse(stream, render, ticket)

@@ -84,7 +84,8 @@ def routes(backend: Backend) -> list[Route]:
             if isinstance(body, dict):
                 model = backend.catalog.sold(body.get("model"))
                 await backend.chats.refuse_if_broke(user, model, body.get("messages"))
-            chat = await backend.chats.prepare(body)
+            async with backend.chats.counting_turn(user):
+                chat = await backend.chats.prepare(body)
             if chat.stream:
                 # a client that leaves before the model answers must not keep its hold (and
                 # a concurrency slot) until the model does

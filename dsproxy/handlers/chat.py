@@ -837,9 +837,26 @@ class ChatHandler:
     ) -> None:
         self.meter, self.upstream, self.tokenizer = meter, upstream, tokenizer
         self.catalog, self.metrics = catalog, metrics
+        self._counting_turns: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     async def prepare(self, body: Any) -> ChatRequest:
         return await parse_chat_request(body, self.catalog, self.tokenizer)
+
+    @contextlib.asynccontextmanager
+    async def counting_turn(self, user: str) -> AsyncIterator[None]:
+        """A user's prompts are counted one at a time: the counting thread is shared, and one
+        user's four megabyte prompts at once held every other user's long prompt back for
+        seconds (any balance passes `refuse_if_broke`)."""
+        entry = self._counting_turns.setdefault(user, (asyncio.Lock(), [0]))
+        lock, waiting = entry
+        waiting[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            waiting[0] -= 1
+            if waiting[0] == 0:
+                del self._counting_turns[user]
 
     async def refuse_if_broke(self, user: str, model: str | None, messages: Any) -> None:
         """402 before the prompt is counted (the costly part: a megabyte takes half a second)

@@ -176,3 +176,40 @@ async def test_the_seconds_debits_took_are_forgotten_once_no_relay_would_take_th
         assert (USER, 1) not in remembered and (USER, 300) in remembered
     finally:
         await close_backend(backend)
+
+
+async def test_a_users_prompts_are_counted_one_at_a_time(node_env: dict[str, str]) -> None:
+    """One user's four megabyte prompts at once held the shared counting thread, and every
+    other user's long prompt waited behind all four."""
+    import asyncio
+
+    backend = await open_backend(settings_for(node_env))
+    try:
+        chats, order = backend.chats, []
+        released = {name: asyncio.Event() for name in "abc"}
+
+        async def turn(user: str, name: str) -> None:
+            async with chats.counting_turn(user):
+                order.append(f"{name} counts")
+                await released[name].wait()
+
+        async def settle() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        tasks = [
+            asyncio.create_task(turn(USER, "a")),
+            asyncio.create_task(turn(USER, "b")),
+            asyncio.create_task(turn(str(USER_KEYS[1].pubkey()), "c")),
+        ]
+        await settle()
+        assert order == ["a counts", "c counts"]  # b waits for a; another user does not
+        released["a"].set()
+        await settle()
+        assert order[-1] == "b counts"
+        released["b"].set()
+        released["c"].set()
+        await asyncio.gather(*tasks)
+        assert chats._counting_turns == {}  # nothing kept for users who left
+    finally:
+        await close_backend(backend)
