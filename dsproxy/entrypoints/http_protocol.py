@@ -24,12 +24,16 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 class BoundedHttpTools(HttpToolsProtocol):
-    """Counts the bytes of the head being read (None while none is: between a head's end and
-    the next request's first byte) and times it from the first byte that did not finish it."""
+    """Counts the bytes received of the head being read (None while none is: between a head's
+    end and the next request's first byte), which bounds what httptools buffers, and the size
+    of each head the parser hands over, which enforces the limit exactly; and times a head from
+    the first byte that did not finish it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_bytes: int | None = 0
+        self._head_size = 0  # of the URL and headers of the request being parsed
+        self._head_too_large = False  # for good: the connection closes
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -44,8 +48,13 @@ class BoundedHttpTools(HttpToolsProtocol):
         if self._head_bytes is not None:
             self._head_bytes += len(data)
         super().data_received(data)
-        if self._head_bytes is None or self.transport.is_closing():
-            return  # the head ended in this data (or was refused)
+        if self.transport.is_closing():
+            return
+        if self._head_too_large:
+            self._refuse(431, f"the request's line and headers pass {HEAD_BYTES_MAX} bytes")
+            return
+        if self._head_bytes is None:
+            return  # the head ended in this data
         if self._head_bytes > HEAD_BYTES_MAX:
             self._refuse(431, f"the request's line and headers pass {HEAD_BYTES_MAX} bytes")
         elif self._head_timer is None:
@@ -53,13 +62,33 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_size = 0
         if self._head_bytes is None:
             self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         self._stop_head_timer()
+        if self._head_size > HEAD_BYTES_MAX or self._head_too_large:
+            self._head_too_large = True  # refused once the parser returns: never served
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._head_too_large:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._head_too_large:
+            super().on_message_complete()
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:

@@ -54,6 +54,20 @@ async def test_a_head_past_its_limit_is_refused_and_the_server_stays_well(
         assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
         error = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
         assert "line and headers" in error["message"]
+        # a head that passes the limit in the read that also ends it, and on a connection's
+        # second request, whose first read was not counted: both were served
+        half = b"x" * (http_protocol.HEAD_BYTES_MAX // 2 + 8 * 1024)
+        split = await _exchange(
+            base, b"GET /healthz HTTP/1.1\r\nhost: a\r\nx-big: " + half, half + b"\r\n\r\n"
+        )
+        assert split.startswith(b"HTTP/1.1 431 "), split[:200]
+        second = await _exchange(
+            base,
+            b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nhost: a\r\nx-big: " + half + half + b"\r\n\r\n",
+            pause_s=0.2,
+        )
+        assert second.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 431 " in second, second[:300]
         async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
             assert (await http.get("/healthz")).status_code == 200
             # a large body is no large head, even when it comes in the same read
