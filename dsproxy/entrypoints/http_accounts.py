@@ -68,7 +68,7 @@ def routes(backend: Backend) -> list[Route]:
     async def challenge(request: Request) -> Response:
         if backend.client_limits is not None:
             client = request.client.host if request.client is not None else "unknown"
-            backend.client_limits.admit(client).done()
+            backend.client_limits.count(client)
         user = _user_field(await read_json(request, 4_096))
         now = now_s()
         issued = issue_challenge(

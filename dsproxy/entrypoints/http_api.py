@@ -345,7 +345,7 @@ async def open_backend(settings: Settings) -> Backend:
         storage,
         # logins are free, and each new wallet's leaves rows on disk: a client address may ask
         # for so many challenges a minute (the per-user limits cannot see new wallets)
-        UserLimits(settings.challenges_per_minute_max, concurrent_max=1_000_000),
+        UserLimits(settings.challenges_per_minute_max, concurrent_max=1),
     )
 
 

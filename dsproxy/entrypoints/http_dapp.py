@@ -132,7 +132,7 @@ def routes(backend: Backend) -> list[Route]:
     async def create_conversation(request: Request) -> Response:
         """Free, so under the user's request limits and a cap on how many one user keeps."""
         user = await authenticate(request, backend)
-        backend.limits.admit(user).done()
+        backend.limits.count(user)
         body = await read_json(request, 4_096)
         if body is None:
             body = {}

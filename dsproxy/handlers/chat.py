@@ -480,6 +480,20 @@ class UserLimits:
 
     def admit(self, user: str) -> UserTicket:
         """Count a request in, or raise RateLimited (429)."""
+        recent, now = self._within_the_minute(user)
+        if self._running.get(user, 0) >= self.concurrent_max:
+            raise RateLimited(f"more than {self.concurrent_max} requests at once")
+        recent.append(now)
+        self._running[user] = self._running.get(user, 0) + 1
+        return UserTicket(self, user)
+
+    def count(self, user: str) -> None:
+        """Count a quick request (nothing runs on after its answer) against the minute only."""
+        recent, now = self._within_the_minute(user)
+        recent.append(now)
+
+    def _within_the_minute(self, user: str) -> tuple[deque[float], float]:
+        """The user's requests of the last minute, or RateLimited if there are too many."""
         now = self._clock()
         if len(self._recent) >= self._sweep_at:
             self._forget_idle(now)
@@ -491,11 +505,7 @@ class UserLimits:
             raise RateLimited(
                 f"more than {self.per_minute_max} requests a minute", retry_after_s=retry_after_s
             )
-        if self._running.get(user, 0) >= self.concurrent_max:
-            raise RateLimited(f"more than {self.concurrent_max} requests at once")
-        recent.append(now)
-        self._running[user] = self._running.get(user, 0) + 1
-        return UserTicket(self, user)
+        return recent, now
 
     def _forget_idle(self, now: float) -> None:
         """Logins are free, so users are unbounded: forget those with no request in the last

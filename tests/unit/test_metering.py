@@ -110,3 +110,22 @@ def test_user_limits_forget_users_idle_for_a_minute() -> None:
         limits.admit(f"crowd-{index}").done()
     with pytest.raises(RateLimited):  # the busy user's minute survived them
         limits.admit("busy")
+
+
+def test_a_quick_request_counts_against_the_minute_but_not_the_requests_running() -> None:
+    """Making a conversation was refused (429 "at once") while the user's chats streamed."""
+    from dsproxy.errors import RateLimited
+
+    now = [0.0]
+    limits = UserLimits(per_minute_max=4, concurrent_max=2, clock=lambda: now[0])
+    running = [limits.admit("u"), limits.admit("u")]
+    with pytest.raises(RateLimited, match="at once"):
+        limits.admit("u")
+    limits.count("u")
+    limits.count("u")  # the minute's fourth
+    with pytest.raises(RateLimited, match="a minute"):
+        limits.count("u")
+    for ticket in running:
+        ticket.done()
+    now[0] = 61.0
+    limits.count("u")
