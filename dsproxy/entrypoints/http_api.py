@@ -112,6 +112,9 @@ _UPSTREAM_ERROR_KINDS: dict[type, str] = {
 }
 
 
+BODY_S_MAX = 30.0  # as long as a request's head may take (http_protocol.HEAD_S_MAX)
+
+
 def now_s() -> int:
     return int(time.time())
 
@@ -382,13 +385,23 @@ async def read_json(request: Request, bytes_max: int) -> Any:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > bytes_max:
-            raise InvalidParameter(
-                f"the body is over {bytes_max} bytes", param="body", code="request_too_large"
-            )
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_S_MAX):  # a body never finished held its connection
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > bytes_max:
+                    raise InvalidParameter(
+                        f"the body is over {bytes_max} bytes",
+                        param="body",
+                        code="request_too_large",
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise InvalidParameter(
+            f"the body did not arrive within {BODY_S_MAX:.0f} s",
+            param="body",
+            code="request_timeout",
+        ) from None
     raw = b"".join(chunks)
     try:
         value = orjson.loads(raw)
@@ -444,6 +457,7 @@ def _classify(exc: DsproxyError) -> tuple[int, str, str | None, str | None]:
     if isinstance(exc, InvalidParameter):
         status = 404 if exc.code == "model_not_found" else 400
         status = 413 if exc.code == "request_too_large" else status
+        status = 408 if exc.code == "request_timeout" else status
         return status, "invalid_request_error", exc.code, exc.param
     if isinstance(exc, ContextTooLong):
         return 400, "invalid_request_error", "context_length_exceeded", "messages"

@@ -105,3 +105,28 @@ async def test_a_head_that_never_ends_is_closed_after_its_time(
             pause_s=0.4,
         )
         assert slow.startswith(b"HTTP/1.1 200 "), slow[:200]
+
+
+async def test_a_body_that_never_ends_is_answered_after_its_time(
+    node_env: dict[str, str], demo_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A complete head and half a body (a login needs no account) held the connection and its
+    request for good."""
+    from dsproxy.entrypoints import http_api
+
+    monkeypatch.setattr(http_api, "BODY_S_MAX", 1.0)
+    settings = load_settings(backend_env(node_env, demo_url))
+    with backend_in_thread(settings) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(
+                b"POST /v1/auth/login HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n"
+                b"content-length: 100\r\n\r\n{"
+            )
+            await writer.drain()
+            async with asyncio.timeout(WAIT_S_MAX):
+                status = await reader.readuntil(b"\r\n")
+        finally:
+            writer.close()
+        assert status.startswith(b"HTTP/1.1 408 "), status
