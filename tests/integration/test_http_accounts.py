@@ -30,6 +30,7 @@ from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     demo_model,
     demo_url,
     login,
+    served,
     sign,
     tokenizer,
 )
@@ -101,13 +102,12 @@ async def test_a_challenge_for_another_server_is_refused(client: httpx.AsyncClie
 
 async def test_an_expired_challenge_is_refused(node_env: dict[str, str], demo_url: str) -> None:
     settings = load_settings(backend_env(node_env, demo_url, DSPROXY_CHALLENGE_TTL_S="1"))
-    with backend_in_thread(settings) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-            message = await challenge(http, WALLET)
-            await asyncio.sleep(2.1)  # past its expiry, whole seconds
-            response = await try_login(http, message, sign(WALLET, message))
-            assert response.status_code == 401
-            assert "expired" in response.json()["error"]["message"]
+    async with served(settings) as http:
+        message = await challenge(http, WALLET)
+        await asyncio.sleep(2.1)  # past its expiry, whole seconds
+        response = await try_login(http, message, sign(WALLET, message))
+        assert response.status_code == 401
+        assert "expired" in response.json()["error"]["message"]
 
 
 async def test_without_a_public_url_a_challenge_names_the_port_the_server_has(
@@ -129,15 +129,14 @@ async def test_a_client_address_asks_for_so_many_login_challenges_a_minute(
     """Logins are free and each new wallet's leaves rows on disk: 160 new wallets from one
     client made 9,600 conversations in 16 s. The per-user limits cannot see new wallets."""
     settings = load_settings(backend_env(node_env, demo_url, DSPROXY_CHALLENGES_PER_MINUTE_MAX="3"))
-    with backend_in_thread(settings) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-            for index in range(3):
-                await challenge(http, USER_KEYS[index])
-            refused = await http.post(
-                "/user/challenge", json={"user_pubkey": str(USER_KEYS[3].pubkey())}
-            )
-            assert refused.status_code == 429, refused.text
-            assert int(refused.headers["retry-after"]) > 0
+    async with served(settings) as http:
+        for index in range(3):
+            await challenge(http, USER_KEYS[index])
+        refused = await http.post(
+            "/user/challenge", json={"user_pubkey": str(USER_KEYS[3].pubkey())}
+        )
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["retry-after"]) > 0
 
 
 @pytest.mark.parametrize("user", ["not-base58!", "", 42])

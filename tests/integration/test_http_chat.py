@@ -45,6 +45,7 @@ from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     issued_debits,
     login,
     read_debits,
+    served,
     tokenizer,
 )
 
@@ -426,33 +427,32 @@ async def test_a_client_that_leaves_before_a_stream_opens_frees_its_hold_at_once
     its hold and its concurrency slot stayed taken until the model answered (up to the
     upstream timeout, ten minutes)."""
     settings = load_settings(backend_env(node_env, demo_url, DSPROXY_CONCURRENT_REQUESTS_MAX="1"))
-    with backend_in_thread(settings) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-            session = await funded(http, settings, WALLET, 1_000)
-            answered = demo_model.answered
-            body = {"model": "deepseek-chat", "messages": messages("hi [[think:4000]]")}
-            leaving = asyncio.create_task(post_chat(http, session, {**body, "stream": True}))
+    async with served(settings) as http:
+        session = await funded(http, settings, WALLET, 1_000)
+        answered = demo_model.answered
+        body = {"model": "deepseek-chat", "messages": messages("hi [[think:4000]]")}
+        leaving = asyncio.create_task(post_chat(http, session, {**body, "stream": True}))
 
-            async def held() -> bool:
-                return (await balance(http, session))["held"] > 0
+        async def held() -> bool:
+            return (await balance(http, session))["held"] > 0
 
-            await eventually(held, "the streamed chat to take its hold")
-            leaving.cancel()
+        await eventually(held, "the streamed chat to take its hold")
+        leaving.cancel()
 
-            async def released() -> bool:
-                return (await balance(http, session))["held"] == 0
+        async def released() -> bool:
+            return (await balance(http, session))["held"] == 0
 
-            await eventually(released, "the hold of the chat whose client left")
-            assert demo_model.answered == answered  # released before the model answered
-            second = await post_chat(http, session, {**body, "messages": messages("hi")})
-            assert second.status_code == 200  # the slot is free again
+        await eventually(released, "the hold of the chat whose client left")
+        assert demo_model.answered == answered  # released before the model answered
+        second = await post_chat(http, session, {**body, "messages": messages("hi")})
+        assert second.status_code == 200  # the slot is free again
 
-            async def model_done() -> bool:
-                return demo_model.answered == answered + 2
+        async def model_done() -> bool:
+            return demo_model.answered == answered + 2
 
-            await eventually(model_done, "the model to end the abandoned chat")
-            balance_left = (await balance(http, session))["balance"]
-            assert balance_left == 1_000 - second.json()["dsproxy"]["tokens_charged"]
+        await eventually(model_done, "the model to end the abandoned chat")
+        balance_left = (await balance(http, session))["balance"]
+        assert balance_left == 1_000 - second.json()["dsproxy"]["tokens_charged"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -744,19 +744,18 @@ async def test_healthz_says_whether_a_relay_is_connected(
     dead = f"ws://127.0.0.1:{free_port()}"
     for relays, status, connected in ((dead, "degraded", 0), (f"{local_relay},{dead}", "ok", 1)):
         settings = load_settings(backend_env(node_env, demo_url, DSPROXY_RELAYS=relays))
-        with backend_in_thread(settings) as base:
-            async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-                health: dict[str, Any] = {}
+        async with served(settings) as http:
+            health: dict[str, Any] = {}
 
-                async def reported(expected: str = status) -> bool:
-                    nonlocal health
-                    response = await http.get("/healthz")
-                    health = response.json()
-                    return response.status_code == 200 and health["status"] == expected
+            async def reported(expected: str = status) -> bool:
+                nonlocal health
+                response = await http.get("/healthz")
+                health = response.json()
+                return response.status_code == 200 and health["status"] == expected
 
-                await eventually(reported, f"/healthz to say {status}")
-                configured = len(relays.split(","))
-                assert health["relays"] == {"configured": configured, "connected": connected}
+            await eventually(reported, f"/healthz to say {status}")
+            configured = len(relays.split(","))
+            assert health["relays"] == {"configured": configured, "connected": connected}
 
 
 async def test_healthz_says_failing_after_a_request_failed_on_storage(
@@ -860,22 +859,21 @@ async def test_requests_per_minute_are_limited_per_user(
     node_env: dict[str, str], demo_url: str
 ) -> None:
     settings = load_settings(backend_env(node_env, demo_url, DSPROXY_REQUESTS_PER_MINUTE_MAX="2"))
-    with backend_in_thread(settings) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-            session = await funded(http, settings, WALLET, 1_000)
-            other = await funded(http, settings, USER_KEYS[1], 1_000)
-            body = {"model": "deepseek-chat", "messages": messages("hi")}
-            statuses = [(await post_chat(http, session, body)).status_code for _ in range(3)]
-            assert statuses == [200, 200, 429]
-            refused = await post_chat(http, session, body)
-            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-            assert int(refused.headers["retry-after"]) >= 1
-            assert (await post_chat(http, other, body)).status_code == 200
-            # a prompt too long to serve costs the server its counting: it counts as a request
-            third = await funded(http, settings, USER_KEYS[2], 1_000)
-            too_long = {"model": "deepseek-chat", "messages": messages("word " * 200_000)}
-            statuses = [(await post_chat(http, third, too_long)).status_code for _ in range(3)]
-            assert statuses == [400, 400, 429]
+    async with served(settings) as http:
+        session = await funded(http, settings, WALLET, 1_000)
+        other = await funded(http, settings, USER_KEYS[1], 1_000)
+        body = {"model": "deepseek-chat", "messages": messages("hi")}
+        statuses = [(await post_chat(http, session, body)).status_code for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        refused = await post_chat(http, session, body)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert (await post_chat(http, other, body)).status_code == 200
+        # a prompt too long to serve costs the server its counting: it counts as a request
+        third = await funded(http, settings, USER_KEYS[2], 1_000)
+        too_long = {"model": "deepseek-chat", "messages": messages("word " * 200_000)}
+        statuses = [(await post_chat(http, third, too_long)).status_code for _ in range(3)]
+        assert statuses == [400, 400, 429]
 
 
 @pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
@@ -903,20 +901,19 @@ async def test_concurrent_requests_are_limited_per_user(
     node_env: dict[str, str], demo_url: str
 ) -> None:
     settings = load_settings(backend_env(node_env, demo_url, DSPROXY_CONCURRENT_REQUESTS_MAX="1"))
-    with backend_in_thread(settings) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-            session = await funded(http, settings, WALLET, 1_000)
-            slow = {"model": "deepseek-chat", "messages": messages("[[pause:1]]"), "stream": True}
-            async with http.stream(
-                "POST", "/v1/chat/completions", json=slow, headers=bearer(session)
-            ) as first:
-                lines = first.aiter_lines()  # kept referenced: the first chat stays open
-                async for line in lines:
-                    if '"this"' in line:
-                        break  # the first chat is now paused, still running
-                body = {"model": "deepseek-chat", "messages": messages("hi")}
-                second = await post_chat(http, session, body)
-                assert second.status_code == 429
+    async with served(settings) as http:
+        session = await funded(http, settings, WALLET, 1_000)
+        slow = {"model": "deepseek-chat", "messages": messages("[[pause:1]]"), "stream": True}
+        async with http.stream(
+            "POST", "/v1/chat/completions", json=slow, headers=bearer(session)
+        ) as first:
+            lines = first.aiter_lines()  # kept referenced: the first chat stays open
+            async for line in lines:
+                if '"this"' in line:
+                    break  # the first chat is now paused, still running
+            body = {"model": "deepseek-chat", "messages": messages("hi")}
+            second = await post_chat(http, session, body)
+            assert second.status_code == 429
 
 
 def test_texts_of_odd_choices_are_read_without_failing() -> None:

@@ -34,6 +34,7 @@ from tests.integration.upstream_fixtures import (  # noqa: F401 (fixtures)
     eventually,
     funded,
     read_debits,
+    served,
     tokenizer,
 )
 
@@ -226,17 +227,16 @@ async def test_conversations_are_made_within_the_users_limits(
 
     monkeypatch.setattr(accounts_db, "CONVERSATIONS_PER_USER_MAX", 3)
     settings = load_settings(backend_env(node_env, demo_url, DSPROXY_REQUESTS_PER_MINUTE_MAX="4"))
-    with backend_in_thread(settings) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-            owner = await funded(http, settings, WALLET, 0)
-            made = [await new_conversation(http, owner) for _ in range(3)]
-            capped = await http.post("/conversations", json={}, headers=bearer(owner))
-            assert capped.status_code == 400, capped.text
-            assert capped.json()["code"] == "conversation_limit_reached"
-            limited = await http.post("/conversations", json={}, headers=bearer(owner))
-            assert limited.status_code == 429, limited.text
-            listed = (await http.get("/conversations", headers=bearer(owner))).json()
-            assert sorted(c["id"] for c in listed) == sorted(made)
+    async with served(settings) as http:
+        owner = await funded(http, settings, WALLET, 0)
+        made = [await new_conversation(http, owner) for _ in range(3)]
+        capped = await http.post("/conversations", json={}, headers=bearer(owner))
+        assert capped.status_code == 400, capped.text
+        assert capped.json()["code"] == "conversation_limit_reached"
+        limited = await http.post("/conversations", json={}, headers=bearer(owner))
+        assert limited.status_code == 429, limited.text
+        listed = (await http.get("/conversations", headers=bearer(owner))).json()
+        assert sorted(c["id"] for c in listed) == sorted(made)
 
 
 async def test_the_dapps_model_names_are_served_by_the_models_they_alias(
@@ -247,21 +247,20 @@ async def test_the_dapps_model_names_are_served_by_the_models_they_alias(
     v3, r1 = "deepseek/deepseek-v3/community", "deepseek/deepseek-r1/community"
     aliases = f"{v3}=deepseek-chat,{r1}=deepseek-reasoner"
     settings = load_settings(backend_env(node_env, demo_url, DSPROXY_MODEL_ALIASES=aliases))
-    with backend_in_thread(settings) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-            token = await funded(http, settings, WALLET, 1_000)
-            conversation = await new_conversation(http, token)
-            for asked, served in ((v3, "deepseek-chat"), (r1, "deepseek-reasoner")):
-                body = {"conversation_id": conversation, "content": "hi", "model": asked}
-                response = await http.post("/messages", json=body, headers=bearer(token))
-                assert response.status_code == 200, response.text
-                assert sse_events(response.content)[-1][0] == "done"
-                assert demo_model.last_body["model"] == served
-            listed = await http.get("/v1/models", headers=bearer(token))
-            sold = [model["id"] for model in listed.json()["data"]]
-            assert sold == ["deepseek-chat", "deepseek-reasoner"]  # aliases are not listed
-            found = await http.get(f"/v1/models/{v3}", headers=bearer(token))
-            assert found.status_code == 200 and found.json()["id"] == v3  # but found
+    async with served(settings) as http:
+        token = await funded(http, settings, WALLET, 1_000)
+        conversation = await new_conversation(http, token)
+        for asked, model in ((v3, "deepseek-chat"), (r1, "deepseek-reasoner")):
+            body = {"conversation_id": conversation, "content": "hi", "model": asked}
+            response = await http.post("/messages", json=body, headers=bearer(token))
+            assert response.status_code == 200, response.text
+            assert sse_events(response.content)[-1][0] == "done"
+            assert demo_model.last_body["model"] == model
+        listed = await http.get("/v1/models", headers=bearer(token))
+        sold = [model["id"] for model in listed.json()["data"]]
+        assert sold == ["deepseek-chat", "deepseek-reasoner"]  # aliases are not listed
+        found = await http.get(f"/v1/models/{v3}", headers=bearer(token))
+        assert found.status_code == 200 and found.json()["id"] == v3  # but found
     with pytest.raises(ConfigError, match="not one of the models sold"):
         catalog_of(load_settings({**node_env, "DSPROXY_MODEL_ALIASES": f"{v3}=gpt-5"}))
 
@@ -271,26 +270,25 @@ async def test_history_is_trimmed_to_the_context_window(
 ) -> None:
     extra = {"DSPROXY_CONTEXT_WINDOWS": "deepseek-chat=120"}
     settings = load_settings(backend_env(node_env, demo_url, **extra))
-    with backend_in_thread(settings) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-            token = await funded(http, settings, WALLET, 10_000)
-            conversation = await new_conversation(http, token)
-            for turn in range(6):
-                response = await say(http, token, conversation, f"turn {turn} [[words:8]]")
-                assert sse_events(response.content)[-1][0] == "done"
-            sent = demo_model.last_body["messages"]
-            assert sent[-1] == {"role": "user", "content": "turn 5 [[words:8]]"}
-            assert len(sent) < 11  # older turns were left out
-            budget = 120 - 30  # the window less the answer's reserve
-            assert tokenizer.count_prompt(sent) <= budget
-            charged = sse_events(response.content)[-1][1]["tokens_charged"]
-            assert charged == tokenizer.count_prompt(sent) + tokenizer.count(
-                "this is the dsproxy demo model speaking in"
-            )
-            too_long = " ".join(["word"] * 200)
-            refused = await say(http, token, conversation, too_long)
-            assert refused.status_code == 400
-            assert refused.json()["code"] == "context_length_exceeded"
+    async with served(settings) as http:
+        token = await funded(http, settings, WALLET, 10_000)
+        conversation = await new_conversation(http, token)
+        for turn in range(6):
+            response = await say(http, token, conversation, f"turn {turn} [[words:8]]")
+            assert sse_events(response.content)[-1][0] == "done"
+        sent = demo_model.last_body["messages"]
+        assert sent[-1] == {"role": "user", "content": "turn 5 [[words:8]]"}
+        assert len(sent) < 11  # older turns were left out
+        budget = 120 - 30  # the window less the answer's reserve
+        assert tokenizer.count_prompt(sent) <= budget
+        charged = sse_events(response.content)[-1][1]["tokens_charged"]
+        assert charged == tokenizer.count_prompt(sent) + tokenizer.count(
+            "this is the dsproxy demo model speaking in"
+        )
+        too_long = " ".join(["word"] * 200)
+        refused = await say(http, token, conversation, too_long)
+        assert refused.status_code == 400
+        assert refused.json()["code"] == "context_length_exceeded"
 
 
 async def test_bad_conversation_and_message_bodies_are_refused_and_charge_nothing(
@@ -332,13 +330,12 @@ async def test_reasoning_stopped_at_the_hold_is_charged_as_the_model_bills_it(
     """The dApp shows no reasoning, yet the model wrote it and bills it: a stream stopped at
     what the hold pays for is charged what was handed out, never nothing."""
     settings = load_settings(backend_env(node_env, demo_url, DSPROXY_COMPLETION_TOKENS_MAX="5"))
-    with backend_in_thread(settings) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
-            token = await funded(http, settings, WALLET, 1_000)
-            conversation = await new_conversation(http, token)
-            said = "hi [[reason:300]] [[words:3]]"
-            events = sse_events((await say(http, token, conversation, said)).content)
-            assert [name for name, _ in events] == ["done"]  # only reasoning, none shown
-            prompt = tokenizer.count_prompt([{"role": "user", "content": said}])
-            assert events[-1][1]["tokens_charged"] == prompt + 5  # r0 .. : five tokens
-            assert (await balance(http, token))["balance"] == 1_000 - prompt - 5
+    async with served(settings) as http:
+        token = await funded(http, settings, WALLET, 1_000)
+        conversation = await new_conversation(http, token)
+        said = "hi [[reason:300]] [[words:3]]"
+        events = sse_events((await say(http, token, conversation, said)).content)
+        assert [name for name, _ in events] == ["done"]  # only reasoning, none shown
+        prompt = tokenizer.count_prompt([{"role": "user", "content": said}])
+        assert events[-1][1]["tokens_charged"] == prompt + 5  # r0 .. : five tokens
+        assert (await balance(http, token))["balance"] == 1_000 - prompt - 5

@@ -137,6 +137,14 @@ def backend_in_thread(settings: Settings) -> Iterator[str]:
         thread.join(START_S_MAX)
 
 
+@contextlib.asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A backend of its own under these settings, and a client of it."""
+    with backend_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S_MAX) as http:
+            yield http
+
+
 @pytest.fixture
 def backend_settings(node_env: dict[str, str], demo_url: str) -> Settings:
     return load_settings(backend_env(node_env, demo_url))
