@@ -220,6 +220,16 @@ async def until_outbox_holds(node: Node, statuses: list[str], what: str) -> None
     await eventually(reached, what)
 
 
+async def the_first_fails_and_the_next_is_published(
+    settings: Settings, failing: NostrEvent, following: NostrEvent
+) -> None:
+    """A node publishing both: the first fails for good, and does not hold the next one back."""
+    async with running_node(settings) as node:
+        await node.append([failing, following])
+        await until_outbox_holds(node, ["acknowledged", "failed"], "both settled")
+        assert await outbox_rows(node) == {failing.id: "failed", following.id: "acknowledged"}
+
+
 @frozen
 class StaleCredit:
     settings: Settings  # a node publishing to the relay below
@@ -320,13 +330,7 @@ async def test_a_relay_that_will_not_say_whether_it_has_the_event_holds_nothing_
             stale.stored,
         )
         later = seal(Transaction(USERS[1], 5), address, load_secret(settings.nostr_key_file))
-        async with running_node(settings) as node:
-            await node.append([old, later])
-
-            async def settled() -> bool:
-                return await outbox_rows(node) == {old.id: "failed", later.id: "acknowledged"}
-
-            await eventually(settled, "the stale event failed, the next one published")
+        await the_first_fails_and_the_next_is_published(settings, old, later)
         assert list(stored) == [later.id]
 
 
@@ -426,13 +430,7 @@ async def test_an_event_a_relay_drops_the_connection_on_does_not_hold_back_the_n
         secret = load_secret(settings.nostr_key_file)
         bad, good = (seal(Transaction(USERS[0], t), address, secret) for t in (13, 14))
         poison["id"] = bad.id
-        async with running_node(settings) as node:
-            await node.append([bad, good])
-
-            async def settled() -> bool:
-                return await outbox_rows(node) == {bad.id: "failed", good.id: "acknowledged"}
-
-            await eventually(settled, "the dropped event failed, the next one published")
+        await the_first_fails_and_the_next_is_published(settings, bad, good)
         assert list(stored) == [good.id]
 
 
