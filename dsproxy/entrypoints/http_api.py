@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -270,13 +271,18 @@ def upstream_api_key(settings: Settings) -> str:
 
 
 def read_api_key_file(path: Path, key: str) -> str:
-    """The API key in `path`; `key` names the setting or option that gave the path."""
+    """The API key in `path`; `key` names the setting or option that gave the path. A file
+    others can read is refused, as the Nostr key's is: the key spends the operator's money."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding="utf-8").strip()
+        mode = path.stat().st_mode
     except OSError as exc:
         raise ConfigError(f"{key} {str(path)!r}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:  # a binary file, or a key saved in another encoding
         raise ConfigError(f"{key} {str(path)!r}: not UTF-8 text, as an API key is") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{key} {str(path)!r} is readable by others: chmod 600 it")
+    return text
 
 
 async def open_backend(settings: Settings) -> Backend:

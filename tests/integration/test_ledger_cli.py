@@ -509,3 +509,9 @@ def test_an_upstream_key_file_that_is_not_text_is_a_one_line_error(
     assert result.returncode == 2, result.stderr
     expected = f"DSPROXY_UPSTREAM_API_KEY_FILE {str(key_file)!r}: not UTF-8 text, as an API key is"
     assert result.stderr == f"dsproxy: error: {expected}\n"
+    # a key others can read is refused, as the Nostr key's is (it was taken)
+    key_file.write_text("sk-upstream\n")
+    key_file.chmod(0o644)
+    result = dsproxy(env, "serve")
+    assert result.returncode == 2, result.stderr
+    assert "is readable by others: chmod 600 it" in result.stderr
