@@ -181,6 +181,10 @@ def _rpc_message(exc: BaseException) -> str:
     if isinstance(exc, RPCException) and exc.args:
         detail = exc.args[0]
         return str(getattr(detail, "message", detail))
+    if isinstance(exc, SolanaRpcException) and exc.__cause__ is not None:
+        # solana-py says only "<class 'httpx.ConnectError'> raised in ..."; the cause says why
+        cause = exc.__cause__
+        return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
     return str(exc) or type(exc).__name__
 
 
@@ -251,6 +255,7 @@ class BalancePaymentRpc:
         if commitment not in _COMMITMENT_RANK:
             raise ValueError(f"commitment {commitment!r}: expected processed/confirmed/finalized")
         self._client = client
+        self.url = str(getattr(client._provider, "endpoint_uri", "the RPC node"))  # for errors
         self.program = program
         self.commitment = commitment
         self._poll_interval_s = poll_interval_s
@@ -279,7 +284,7 @@ class BalancePaymentRpc:
         try:
             return await request
         except _TRANSPORT_ERRORS as exc:
-            raise RpcError(f"Solana RPC {what} failed: {_rpc_message(exc)}") from exc
+            raise RpcError(f"Solana RPC {what} at {self.url} failed: {_rpc_message(exc)}") from exc
 
     # --- reads ----------------------------------------------------------------------------------
 

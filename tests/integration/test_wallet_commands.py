@@ -122,6 +122,18 @@ def test_refused_withdraw_prints_the_programs_error_and_exits_2(
     assert "InsufficientFunds (6001)" in err
 
 
+def test_an_rpc_node_that_cannot_be_reached_is_named_with_why(
+    capsys: pytest.CaptureFixture[str], user_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "<class 'httpx.ConnectError'> raised in ...", and named no URL."""
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("DSPROXY_SOLANA_RPC_URL", unreachable)
+    code, _, err = _run(capsys, "wallet", "status", "--keypair", str(user_file))
+    assert code == 2
+    assert f"at {unreachable} failed: ConnectError" in err, err
+    assert "raised in" not in err
+
+
 def test_recharge_print_only_signs_the_request_for_the_onchain_nonce(
     capsys: pytest.CaptureFixture[str], user_file: Path, parties: Parties
 ) -> None:
