@@ -163,15 +163,22 @@ def _custom_error(code: int, index: int, version: int, action: str) -> ProgramEr
             instruction_index=index,
         )
     if code in ANCHOR_ERRORS:
-        hint = " (is the treasury the program's?)" if code == 2003 else ""
+        hints = {
+            2003: " (is the treasury the program's?)",
+            3012: " (an account it needs does not exist: is the wallet registered? "
+            "`dsproxy wallet register`)",
+        }
+        hint = hints.get(code, "")
         return AnchorConstraint(
             f"{action} refused by Anchor: {ANCHOR_ERRORS[code]} ({code}){hint}",
             code=code,
             name=ANCHOR_ERRORS[code],
             instruction_index=index,
         )
+    # the System program's 0 is "account already in use": what creating an account twice says
+    hint = " (account already in use: registered already?)" if code == 0 else ""
     return ProgramError(
-        f"{action} failed: instruction {index} custom program error {code}",
+        f"{action} failed: instruction {index} custom program error {code}{hint}",
         code=code,
         instruction_index=index,
     )

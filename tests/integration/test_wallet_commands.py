@@ -246,3 +246,15 @@ def test_localchain_options_it_cannot_use_are_one_line_errors() -> None:
             result = _localchain(*args)
             assert result.returncode == 2, (args, result.stderr)
             assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_registering_twice_and_depositing_unregistered_say_what_to_do(
+    capsys: pytest.CaptureFixture[str], user_file: Path
+) -> None:
+    """They said "custom program error 0" and "AccountNotInitialized (3012)", and no more."""
+    keypair = ["--keypair", str(user_file)]
+    code, _, err = _run(capsys, "wallet", "deposit", "0.01", *keypair)
+    assert code == 2 and "dsproxy wallet register" in err, err
+    assert _run(capsys, "wallet", "register", *keypair)[0] == 0
+    code, _, err = _run(capsys, "wallet", "register", *keypair)
+    assert code == 2 and "registered already?" in err, err
