@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import attrs
 from attrs import frozen
 
+from dsproxy.domain.metering import parse_model_aliases, parse_model_numbers, parse_prices
 from dsproxy.domain.payment import CRASH_POINTS
 from dsproxy.errors import ConfigError, MalformedMessage
 from dsproxy.wire.envelope import DEFAULT_SESSION
@@ -60,6 +61,20 @@ def _text_list(raw: Any, key: str) -> tuple[str, ...]:
     items = raw if isinstance(raw, list) else _string(raw, key).split(",")
     stripped = (_string(item, key).strip() for item in items)
     return tuple(item for item in stripped if item)
+
+
+def _checked_list(
+    check: Callable[[tuple[str, ...], str], object],
+) -> Callable[[Any, str], tuple[str, ...]]:
+    """A list whose items `check` validates here, where the key names where it came from (the
+    environment or the file): later, only the variable's name would be known."""
+
+    def parse(raw: Any, key: str) -> tuple[str, ...]:
+        items = _text_list(raw, key)
+        check(items, key)
+        return items
+
+    return parse
 
 
 def _url_with(schemes: tuple[str, ...], url: str, key: str, noun: str = "URL") -> str:
@@ -209,8 +224,8 @@ _FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     ),
     "models": (_text_list, "deepseek-chat,deepseek-reasoner"),
     "model_aliases": (_text_list, ""),
-    "prices": (_text_list, ""),
-    "context_windows": (_text_list, ""),
+    "prices": (_checked_list(parse_prices), ""),
+    "context_windows": (_checked_list(parse_model_numbers), ""),
     "context_window_tokens": (_int_at_least(16), 65_536),
     "completion_tokens_max": (_int_at_least(1), 8_192),
     "requests_per_minute_max": (_int_at_least(1), 60),
@@ -341,6 +356,7 @@ def load_settings(
         config_file = Path(environ["DSPROXY_CONFIG"])
     table = _read_file(config_file) if config_file else {}
     values: dict[str, Any] = {}
+    keys: dict[str, str] = {}
     for name, (parse, default) in _FIELDS.items():
         env_key = f"DSPROXY_{name.upper()}"
         if overrides.get(name) is not None:
@@ -352,6 +368,8 @@ def load_settings(
         else:
             raw, key = default, env_key
         values[name] = parse(raw, key)
+        keys[name] = key
+    parse_model_aliases(values["model_aliases"], values["models"], keys["model_aliases"])
     if values["relay_retry_ms_min"] > values["relay_retry_ms_max"]:
         raise ConfigError(
             f"relay_retry_ms_min ({values['relay_retry_ms_min']}) is more than relay_retry_ms_max "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dsproxy.config import load_settings
@@ -52,3 +54,19 @@ def test_a_public_url_is_optional_and_kept_without_its_trailing_slash() -> None:
 def test_a_backoff_that_would_start_above_its_ceiling_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"relay_retry_ms_min \(5000\) is more than"):
         load_settings({"DSPROXY_RELAY_RETRY_MS_MIN": "5000", "DSPROXY_RELAY_RETRY_MS_MAX": "100"})
+
+
+def test_a_bad_price_window_or_alias_names_where_it_came_from(tmp_path: Path) -> None:
+    """From the file, the error named DSPROXY_PRICES, a variable nobody had set."""
+    config = tmp_path / "dsproxy.toml"
+    for line, key in (
+        ('prices = ["deepseek-chat=abc"]', "prices"),
+        ('context_windows = ["deepseek-chat=0"]', "context_windows"),
+        ('model_aliases = ["nick=no-such-model"]', "model_aliases"),
+    ):
+        config.write_text(line + "\n")
+        with pytest.raises(ConfigError) as refused:
+            load_settings({}, config_file=config)
+        assert str(refused.value).startswith(f"{config}:{key} has "), refused.value
+    with pytest.raises(ConfigError, match=r"^DSPROXY_PRICES has"):
+        load_settings({"DSPROXY_PRICES": "deepseek-chat=1"})
