@@ -221,7 +221,10 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def add_commands(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "serve", help="serve the metered OpenAI-compatible API (the backend)"
+        "serve",
+        help="serve the metered OpenAI-compatible API (the backend)",
+        epilog="dsproxy-serve also takes dsproxy's own options: --config FILE, --data-dir DIR, "
+        "--log-level LEVEL.",
     )
     parser.add_argument("--host", help="listen address (or DSPROXY_HTTP_HOST)")
     parser.add_argument("--port", type=int, help="listen port (or DSPROXY_HTTP_PORT)")

@@ -515,3 +515,17 @@ def test_an_upstream_key_file_that_is_not_text_is_a_one_line_error(
     result = dsproxy(env, "serve")
     assert result.returncode == 2, result.stderr
     assert "is readable by others: chmod 600 it" in result.stderr
+
+
+def test_dsproxy_serve_help_names_the_options_it_takes_besides_its_own() -> None:
+    """`dsproxy-serve --help` showed `usage: dsproxy serve` with --host and --port only, yet
+    --config, --data-dir and --log-level work there too."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dsproxy.entrypoints.serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for option in ("--host", "--port", "--config FILE", "--data-dir DIR", "--log-level LEVEL"):
+        assert option in done.stdout, done.stdout
