@@ -285,7 +285,7 @@ class RelayConnection:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             await self.close()
             raise RelayUnavailable(f"cannot connect to {self.url}: {exc or 'no answer'}") from exc
-        except BaseException:  # cancelled (another relay answered first): leave no session open
+        except BaseException:  # cancelled (a stop): leave no session open
             await self.close()
             raise
         self._reader = asyncio.create_task(self._read(self._socket), name=f"relay {self.url}")

@@ -207,22 +207,21 @@ def routes(backend: Backend) -> list[Route]:
             messages.append({"role": "user", "content": content})
             window = catalog.context_window(model)
             reply_tokens = min(catalog.completion_tokens_max, max(1, window // 4))
-            async with backend.chats.counting_turn(user):
-                counts = await backend.tokenizer.count_messages_async(messages)
-            start = trim_to_window(counts, window - reply_tokens - TEMPLATE_TOKENS_PER_PROMPT)
-            if start is None:
-                raise ContextTooLong(
-                    f"this message alone is about {counts[-1]} tokens; {model} reads at most "
-                    f"{window - reply_tokens} besides its answer"
-                )
-            upstream_body = {
-                "model": model,
-                "messages": messages[start:],
-                "stream": True,
-                "max_tokens": reply_tokens,
-            }
             said_at = now_s()
-            async with backend.chats.counting_turn(user):
+            async with backend.chats.counting_turn(user):  # the history, then the prompt kept
+                counts = await backend.tokenizer.count_messages_async(messages)
+                start = trim_to_window(counts, window - reply_tokens - TEMPLATE_TOKENS_PER_PROMPT)
+                if start is None:
+                    raise ContextTooLong(
+                        f"this message alone is about {counts[-1]} tokens; {model} reads at most "
+                        f"{window - reply_tokens} besides its answer"
+                    )
+                upstream_body = {
+                    "model": model,
+                    "messages": messages[start:],
+                    "stream": True,
+                    "max_tokens": reply_tokens,
+                }
                 chat = await backend.chats.prepare(upstream_body)
             stream = await unless_disconnected(backend.chats.stream(user, chat), request.receive)
             render = DappStreamRender(backend, conversation.id, content, said_at)
